@@ -1,0 +1,1 @@
+"""fishertune.fisher (see its issue); the core never imports recsys."""

@@ -1,0 +1,1 @@
+"""fishertune.layers (see its issue); the core never imports recsys."""

@@ -1,0 +1,1 @@
+"""The recommender lab: data, splits, metrics, evaluation, models and training."""

@@ -1,0 +1,1 @@
+"""fishertune.tune (see its issue); the core never imports recsys."""

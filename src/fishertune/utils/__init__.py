@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings."""
