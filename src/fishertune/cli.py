@@ -11,7 +11,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 140)
 
 
 def _fail(message: str) -> int:
@@ -49,7 +49,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for col in ["model", *cols, "fit s"]:
         table.add_column(col, justify="left" if col == "model" else "right")
     for model, s in summary["models"].items():
-        table.add_row(model, *(f"{s['test_mean'][c]:.4f} ± {s['test_std'][c]:.4f}" for c in cols),
+        table.add_row(model, *(_mean_std(s['test_mean'][c], s['test_std'][c], len(s['seeds'])) for c in cols),
                       f"{s['fit_seconds_mean']:.1f}")
     console.print(table)
     console.print(f"done in {time.perf_counter() - t0:.0f} s; summary: {out / 'summary.md'}")
@@ -121,8 +121,13 @@ def cmd_data_clean(args: argparse.Namespace) -> int:
 
 
 def _new_run_dir(root: str, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{stamp}-{name}"
+    from fishertune.recsys.rundir import new_run_dir
+
+    return new_run_dir(root, name)
+
+
+def _mean_std(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f}" if n < 2 else f"{mean:.4f}±{std:.4f}"
 
 
 def _print_metrics(title: str, metrics: dict) -> None:

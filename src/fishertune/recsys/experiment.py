@@ -23,7 +23,7 @@ from fishertune.recsys.data import DataConfig, load_split
 from fishertune.recsys.data.types import Split
 from fishertune.recsys.evaluate import evaluate_full, evaluate_sampled
 from fishertune.recsys.models import ModelConfig, Recommender, build_model
-from fishertune.recsys.train import TrainConfig, train
+from fishertune.recsys.train import TrainConfig, is_main_process, resolve_device, train
 from fishertune.utils.io import atomic_write_json, atomic_write_text, file_lock
 
 
@@ -96,16 +96,11 @@ def evaluate_model(model: Recommender, split: Split, stage: str, cfg: EvalConfig
         return evaluate_full(score_fn, inputs, target, ks=tuple(cfg.ks), metrics=tuple(cfg.metrics),
                              batch_size=cfg.batch_size, device=device, distributed=distributed,
                              return_per_user=return_per_user)
-    # items a user interacted with anywhere in the split are never drawn as negatives
+    # negatives are drawn once per call from the seed, among items outside the user's input and target
     return evaluate_sampled(score_fn, inputs, target, n_negatives=cfg.n_negatives,
                             seed=cfg.negatives_seed, ks=tuple(k for k in cfg.ks if k <= cfg.n_negatives + 1),
-                            device=device, exclude=split.train + split.valid_target + split.test_target)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+                            batch_size=cfg.batch_size, device=device, distributed=distributed,
+                            return_per_user=return_per_user)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +121,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, split: Split | No
     if split is None:
         split, data_hash = load_split(cfg.data)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, n_users=split.n_users, n_items=split.n_items)
+    model = build_model(cfg.model, n_users=split.n_users, n_items=split.n_items, seed=cfg.train.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
@@ -143,8 +138,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, split: Split | No
                "best_epoch": result.best_epoch, "valid": result.best_valid, "test": test,
                "fit_seconds": fit_seconds,
                "seconds_per_epoch": result.seconds_per_epoch}
-    from fishertune.recsys.train import is_main_process
-
     if is_main_process():
         atomic_write_json(done, metrics)
     return metrics

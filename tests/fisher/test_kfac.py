@@ -1,0 +1,107 @@
+"""K-FAC: equals the exact Fisher block where its assumptions hold; preconditioner consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fishertune.fisher import diagonal_fisher, get_likelihood
+from fishertune.fisher.kfac import DiagonalNaturalGradient, KFACOptimizer, kfac_factors
+
+
+def exact_block(layer, x, y, lik):
+    """E[vec(g) vec(g)^T] of [W, b] (row-major, bias last column) by a loop over samples."""
+    rows = []
+    for i in range(y.shape[0]):
+        loss = lik.nll(layer(x[i:i + 1]), y[i:i + 1])[0].sum()
+        gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
+        rows.append(torch.cat([gw, gb[:, None]], 1).reshape(-1))
+    G = torch.stack(rows)
+    return G.t() @ G / y.shape[0]
+
+
+def test_kfac_equals_exact_block_for_identical_inputs():
+    layer = nn.Linear(3, 4)
+    x = torch.randn(1, 3).repeat(7, 1)  # deterministic (identical) inputs, different targets
+    y = torch.randint(0, 4, (7,))
+    blocks = kfac_factors(layer, [(x, y)], progress=False)
+    torch.testing.assert_close(blocks[""].dense(), exact_block(layer, x, y, get_likelihood("categorical")))
+
+
+def test_kfac_single_sample_and_differs_otherwise():
+    layer = nn.Linear(3, 2)
+    x, y = torch.randn(1, 3), torch.tensor([1])
+    b = kfac_factors(layer, [(x, y)], progress=False)[""]
+    torch.testing.assert_close(b.dense(), exact_block(layer, x, y, get_likelihood("categorical")))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    b = kfac_factors(layer, [(x, y)], progress=False)[""]
+    assert not torch.allclose(b.dense(), exact_block(layer, x, y, get_likelihood("categorical")))
+
+
+def test_kfac_conv_factor_shapes_and_true_kind():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 16, 4))
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))
+    blocks = kfac_factors(m, [(x, y)], kind="true", n_samples=2, generator=torch.Generator().manual_seed(0),
+                          progress=False)
+    assert blocks["0"].A.shape == (2 * 9 + 1, 2 * 9 + 1) and blocks["0"].G.shape == (3, 3)
+    assert blocks["2"].A.shape == (49, 49)
+    for b in blocks.values():
+        assert torch.allclose(b.A, b.A.t()) and torch.linalg.eigvalsh(b.G).min() > -1e-10
+
+
+def test_kfac_diag_matches_diagonal_fisher_when_exact():
+    layer = nn.Linear(3, 4)
+    x = torch.randn(1, 3).repeat(5, 1)
+    y = torch.randint(0, 4, (5,))
+    b = kfac_factors(layer, [(x, y)], progress=False)[""]
+    diag = diagonal_fisher(layer, [(x, y)], progress=False)
+    d = b.dense().diagonal().reshape(4, 4)
+    torch.testing.assert_close(d[:, :3], diag["weight"].double())
+    torch.testing.assert_close(d[:, 3], diag["bias"].double())
+
+
+def test_preconditioner_matches_dense_solve():
+    layer = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    b = kfac_factors(layer, [(x, y)], progress=False)[""]
+    A_inv, G_inv = b.inverses(1e-2)
+    gw, gb = torch.randn(2, 3), torch.randn(2)
+    w, bb = b.precondition(gw, gb, A_inv, G_inv)
+    p = b.pi()
+    s = 1e-1
+    dense = torch.kron(b.G + s / p * torch.eye(2), b.A + p * s * torch.eye(4))
+    want = torch.linalg.solve(dense, torch.cat([gw, gb[:, None]], 1).reshape(-1)).reshape(2, 4)
+    torch.testing.assert_close(torch.cat([w, bb[:, None]], 1), want)
+
+
+def test_kfac_optimizer_preconditions_and_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    opt = KFACOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), damping=1e-2, update_freq=2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        raw = model[2].weight.grad.clone()
+        opt.step()
+        losses.append(float(loss))
+    assert set(opt.blocks) == {"0", "2"} and opt.steps == 30
+    assert losses[-1] < losses[0] * 0.8
+    assert not torch.allclose(raw, model[2].weight.grad)  # the gradient was preconditioned
+    opt.remove()
+
+
+def test_diagonal_natural_gradient():
+    model = nn.Linear(3, 2)
+    fisher = {"weight": torch.full((2, 3), 3.0), "bias": torch.ones(2)}
+    opt = DiagonalNaturalGradient(model, torch.optim.SGD(model.parameters(), lr=1.0), fisher, damping=1.0)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.full((2, 3), 8.0)
+    model.bias.grad = torch.zeros(2)
+    opt.step()
+    torch.testing.assert_close(model.weight.detach(), before - 2.0)
+    with pytest.raises(ValueError, match="shape"):
+        opt.set_fisher({"weight": torch.ones(3, 2)})
