@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fishertune.config import ConfigError, StrictModel, deep_merge, dump_config, validate
 from fishertune.recsys.data import DataConfig, load_split
@@ -37,6 +37,16 @@ class EvalConfig(StrictModel):
     n_negatives: int = 99
     negatives_seed: int = 0
 
+    def metric_names(self) -> set[str]:
+        """Names the evaluator reports (``ndcg@10``, ``mrr`` ...) under this config."""
+        return {m if m == "mrr" else f"{m}@{k}" for m in self.metrics for k in self.ks}
+
+
+def _check_monitor(train: "TrainConfig", eval: EvalConfig) -> None:
+    if train.monitor not in eval.metric_names():
+        raise ValueError(f"train.monitor '{train.monitor}' is not reported by eval (it reports "
+                         f"{sorted(eval.metric_names())}); add it to eval.metrics / eval.ks")
+
 
 class ExperimentConfig(StrictModel):
     """One model trained and evaluated on one split."""
@@ -47,6 +57,11 @@ class ExperimentConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _monitor(self) -> "ExperimentConfig":
+        _check_monitor(self.train, self.eval)
+        return self
 
 
 class Candidate(StrictModel):
@@ -68,6 +83,11 @@ class CompareConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     seed_data: bool = True  # vary the split's seed with the run seed (spread includes the split)
     output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _monitor(self) -> "CompareConfig":
+        _check_monitor(self.train, self.eval)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +237,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, monitor: str | None 
             metrics = run_experiment(exp, run_dir, split=split, data_hash=data_hash)
         else:
             metrics = json.loads((run_dir / "metrics.json").read_text())
-        row = {"seed": seed, "model": key, "point": point, "run_dir": str(run_dir), **metrics}
+        row = {**metrics, "seed": seed, "model": key, "point": point, "run_dir": str(run_dir)}
         rows.append(row)
         if not finished:
             with file_lock(results_path):
