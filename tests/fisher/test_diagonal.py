@@ -145,6 +145,7 @@ def test_token_level():
     y[3, 0] = -100
     res = run(m, (idx,), y, size=2, token_level=True)
     assert res.n_samples == 18
+    assert run(m, (idx,), y, size=2, token_level=True, lazy_checks=True).n_samples == 18
     assert_close(res.fisher, brute_empirical(m, (idx,), y, get_likelihood("categorical"), token_level=True))
 
 
@@ -432,6 +433,9 @@ def test_nonfinite_batches_are_skipped_or_raise():
     assert res.skipped_batches == 1 and res.n_samples == 4
     assert all(torch.isfinite(v).all() for v in res.values())
     assert_close(res.fisher, brute_empirical(m, (x[:4],), y[:4], get_likelihood("categorical")))
+    lazy = run(m, (x,), y, size=4, lazy_checks=True)  # the CUDA default: flags stay on the device
+    assert lazy.skipped_batches == 1 and lazy.n_samples == 4 and lazy.n_batches == 1
+    assert_close(lazy.fisher, res.fisher)
     from fishertune.fisher import NonFiniteError
     with pytest.raises(NonFiniteError):
         run(m, (x,), y, size=4, on_nonfinite="raise")
@@ -465,6 +469,8 @@ def test_nonfinite_gradient_with_finite_loss_is_caught():
     res = run(m, (x,), y, size=3)
     assert res.skipped_batches == 1 and res.n_samples == 3
     assert all(torch.isfinite(v).all() for v in res.values())
+    lazy = run(m, (x,), y, size=3, lazy_checks=True)
+    assert lazy.skipped_batches == 1 and all(torch.isfinite(v).all() for v in lazy.values())
     assert_close(res.fisher, brute_empirical(m, (x[:3],), y[:3], get_likelihood("categorical")))
 
 

@@ -73,6 +73,7 @@ class HookManager:
         self.totals: list[Tensor] = []
         self._dummy: Tensor | None = None
         self._patched_modules: list[nn.Module] = []
+        self._ctxs: dict[int, Ctx] = {}
 
     # -- installation ------------------------------------------------------------------------------
     def install(self) -> None:
@@ -141,8 +142,11 @@ class HookManager:
         return _Anchor.apply(t, self._dummy)
 
     def _ctx(self, h: Handler) -> Ctx:
-        first = next(iter(h.names.values()))
-        return Ctx(self.batch_size, self.token_level, self.acc_dtype[first], self.chunk_elems)
+        ctx = self._ctxs.get(id(h))
+        if ctx is None:
+            first = next(iter(h.names.values()))
+            ctx = self._ctxs[id(h)] = Ctx(self.batch_size, self.token_level, self.acc_dtype[first], self.chunk_elems)
+        return ctx
 
     # -- forward -----------------------------------------------------------------------------------
     def _forward(self, h: Handler, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -153,6 +157,15 @@ class HookManager:
                 saved = h.rule.save(module, args, kwargs)
             except RuleError as exc:
                 raise RuleError(f"module {h.module_name!r} ({type(module).__name__}): {exc}") from None
+            if isinstance(output, Tensor) and output.is_floating_point():  # the common case, no pytree
+                out = output if output.requires_grad else self._anchor(output)
+                amp = None
+                if torch.is_autocast_enabled(out.device.type):
+                    amp = (out.device.type, torch.get_autocast_dtype(out.device.type))
+                rec = _Record(h, saved, [(saved, saved._version)], [0], 1, amp)
+                self.records.append(rec)
+                out.register_hook(functools.partial(self._backward, rec, 0))
+                return None if out is output else out
         else:
             saved = (args, kwargs)
         leaves, spec = tree_flatten(output)
@@ -203,6 +216,7 @@ class HookManager:
     def set_batch(self, batch_size: int, token_level: bool) -> None:
         self.batch_size = batch_size
         self.token_level = token_level
+        self._ctxs.clear()
 
     def end_pass(self) -> None:
         """After one backward pass: compute the deferred handlers (torch.func, multi-call)."""
@@ -268,12 +282,14 @@ class HookManager:
         else:
             self.dense[name] = c if s == 1.0 else c * s
 
-    def take(self) -> tuple[dict[str, Tensor], dict[str, list[tuple[Tensor, Tensor]]], bool]:
-        """The batch's contributions and whether all of them are finite (one reduction, one sync)."""
+    def take(self, sync: bool = True) -> tuple[dict[str, Tensor], dict[str, list[tuple[Tensor, Tensor]]], Any]:
+        """The batch's contributions and whether all of them are finite (one reduction): a bool with
+        ``sync``, else a 0-dim bool tensor on the device (None when there is nothing to check)."""
         dense, sparse, totals = self.dense, self.sparse, self.totals
         self.dense, self.sparse, self.totals = {}, {}, []
-        finite = True
-        if totals:
-            dev = totals[0].device
-            finite = bool(torch.isfinite(torch.stack([t.to(dev, torch.float64) for t in totals]).sum()))
-        return dense, sparse, finite
+        if not totals:
+            return dense, sparse, True if sync else None
+        dev, dt = totals[0].device, totals[0].dtype
+        same = all(t.dtype == dt and t.device == dev for t in totals)
+        flag = torch.isfinite(torch.stack(totals if same else [t.to(dev, torch.float64) for t in totals]).sum())
+        return dense, sparse, bool(flag) if sync else flag

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fishertune.fisher.hooks import Ctx, RuleError
+from fishertune.fisher.hooks import Ctx, RuleError, square_sum
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
              "average_attn_weights", "is_causal")
@@ -133,7 +133,7 @@ def module_per_sample(module: nn.Module, local_names: list[str], args: tuple, kw
             for n, g in res.items():
                 g = g.to(ctx.dtype)
                 if square:
-                    sq = torch.einsum("b...,b...->...", g, g)
+                    sq = square_sum(g)
                     sums[n] = sq if n not in sums else sums[n].add_(sq)
                 else:
                     results[n].append(g)

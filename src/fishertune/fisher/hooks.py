@@ -61,6 +61,10 @@ class RuleError(ValueError):
     """A layer's input does not have the structure the rule needs (the engine adds the module name)."""
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _batch_first(t: Tensor, ctx: Ctx, what: str = "input") -> None:
     if t.dim() == 0 or t.shape[0] != ctx.batch_size:
         raise RuleError(f"its {what} has shape {tuple(t.shape)} but the batch has {ctx.batch_size} samples; "
@@ -74,10 +78,17 @@ def chunked_square_sum(make: Callable[[int, int], Tensor], n: int, per_sample_el
     total: Tensor | None = None
     for start in range(0, n, step):
         g = make(start, min(n, start + step))
-        sq = torch.einsum("b...,b...->...", g, g)
+        sq = square_sum(g)
         total = sq if total is None else total.add_(sq)
     assert total is not None
     return total
+
+
+def square_sum(g: Tensor) -> Tensor:
+    """``sum_i g[i]**2`` (squaring in place when ``g`` is a temporary nobody else holds)."""
+    if g._base is None and g.is_contiguous() and not g.requires_grad:
+        return g.square_().sum(0)
+    return g.square().sum(0)
 
 
 class Rule:
@@ -114,7 +125,7 @@ class LinearRule(Rule):
     positional = True
 
     def _split(self, x: Tensor, go: Tensor, ctx: Ctx) -> tuple[Tensor, Tensor, bool]:
-        a, g = x.to(ctx.dtype), go.to(ctx.dtype)
+        a, g = _as(x, ctx.dtype), _as(go, ctx.dtype)
         if ctx.token_level:
             return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]), True
         _batch_first(a, ctx)
@@ -127,16 +138,15 @@ class LinearRule(Rule):
         out: dict[str, Any] = {}
         if flat:  # one row per sample: (g_o a_j)^2 summed over rows is a matmul of squares
             g2 = g * g
-            gs = g2.sum(1)
-            total = gs.new_zeros(())
+            a2 = a * a if "weight" in names else None
             if "weight" in names:
-                a2 = a * a
                 out["weight"] = g2.t() @ a2
-                total = total + gs @ a2.sum(1)
             if "bias" in names:
                 out["bias"] = g2.sum(0)
-                total = total + gs.sum()
-            out[TOTAL] = total  # the sum of all entries, cheaply: lets the engine check finiteness
+            if not g.is_cuda:  # on the CPU a pass over the weight costs more than these reductions
+                gs = g2.sum(1)
+                total = gs @ a2.sum(1) if a2 is not None else gs.new_zeros(())
+                out[TOTAL] = total + gs.sum() if "bias" in names else total
             return out
         if "weight" in names:
             O, I = g.shape[-1], a.shape[-1]
@@ -171,7 +181,7 @@ class EmbeddingRule(Rule):
     def _rows(self, module, idx: Tensor, go: Tensor, ctx: Ctx) -> tuple[Tensor, Tensor, Tensor]:
         D = go.shape[-1]
         flat_idx = idx.reshape(-1)
-        g = go.reshape(-1, D).to(ctx.dtype)
+        g = _as(go.reshape(-1, D), ctx.dtype)
         per = 1 if ctx.token_level else None
         if not ctx.token_level:
             _batch_first(idx, ctx)
@@ -213,7 +223,9 @@ def finish_sparse_samples(parts: list[SparseSamples]) -> SparseRows:
 
 
 class ConvRule(Rule):
-    """Conv1d / Conv2d through unfold: per-sample weight gradient = go [O, L] @ unfold(x)^T [L, C k]."""
+    """Conv1d / Conv2d: the per-sample weight gradients of a whole chunk of samples come from one
+    grouped convolution weight-gradient (samples folded into the channel groups), never from an
+    unfolded patch matrix; then squared and summed."""
 
     kind = "conv"
 
@@ -222,64 +234,62 @@ class ConvRule(Rule):
             return f"padding={module.padding!r}"
         return None
 
-    def _unfold(self, module, x: Tensor) -> Tensor:
-        one_d = isinstance(module, nn.Conv1d)
-        k = tuple(module.kernel_size)
-        dil = tuple(module.dilation)
+    def _padded(self, module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """The input padded as the module pads it, and the padding left for the convolution."""
+        k, dil = tuple(module.kernel_size), tuple(module.dilation)
         if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            pad = (0,) * len(k)
-        elif module.padding == "valid":
-            pad = (0,) * len(k)
-        elif module.padding == "same":
+            return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * len(k)
+        if module.padding == "valid":
+            return x, (0,) * len(k)
+        if module.padding == "same":
             pads: list[int] = []
             for kk, dd in reversed(list(zip(k, dil))):
                 total = dd * (kk - 1)
                 pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-            pad = (0,) * len(k)
-        else:
-            pad = tuple(module.padding)
-        stride = tuple(module.stride)
-        if one_d:
-            x = x.unsqueeze(2)
-            k, dil, pad, stride = (1, *k), (1, *dil), (0, *pad), (1, *stride)
-        return F.unfold(x, k, dilation=dil, padding=pad, stride=stride)
+            return F.pad(x, pads), (0,) * len(k)
+        return x, tuple(module.padding)
 
-    def _parts(self, module, x, go, ctx):
+    def _check(self, module, x: Tensor, ctx: Ctx) -> None:
         if ctx.token_level:
             raise RuleError("convolutions are not position-wise; token_level=True is not supported")
         want = 3 if isinstance(module, nn.Conv1d) else 4
         if x.dim() != want:
             raise RuleError(f"expected a batched {want}-D input, got shape {tuple(x.shape)}")
         _batch_first(x, ctx)
-        B, G = x.shape[0], module.groups
-        unf = self._unfold(module, x.to(ctx.dtype))
-        L = unf.shape[-1]
-        unf = unf.reshape(B, G, -1, L)
-        g = go.to(ctx.dtype).reshape(B, G, -1, L)
-        return unf, g
+
+    def _per_sample_weight(self, module, x: Tensor, go: Tensor) -> Tensor:
+        """Per-sample weight gradients ``[b, *weight.shape]`` of a chunk of ``b`` samples."""
+        b = x.shape[0]
+        w = module.weight
+        xs = x.reshape(1, b * x.shape[1], *x.shape[2:])
+        gs = go.reshape(1, b * go.shape[1], *go.shape[2:])
+        fn = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        x_pad, pad = self._padded(module, xs)
+        gw = fn(x_pad, (b * w.shape[0], *w.shape[1:]), gs, stride=module.stride, padding=pad,
+                dilation=module.dilation, groups=b * module.groups)
+        return gw.reshape(b, *w.shape)
 
     def squares(self, module, x, go, names, ctx):
-        unf, g = self._parts(module, x, go, ctx)
+        self._check(module, x, ctx)
+        x, g = _as(x, ctx.dtype), _as(go, ctx.dtype)
         out: dict[str, Any] = {}
         if "weight" in names:
             per = math.prod(module.weight.shape)
-            sq = chunked_square_sum(lambda s, e: torch.einsum("bgol,bgkl->bgok", g[s:e], unf[s:e]),
-                                    g.shape[0], per, ctx)
-            out["weight"] = sq.reshape(module.weight.shape)
+            out["weight"] = chunked_square_sum(lambda s, e: self._per_sample_weight(module, x[s:e], g[s:e]),
+                                               x.shape[0], per, ctx)
         if "bias" in names:
-            gb = g.sum(-1).reshape(g.shape[0], -1)
+            gb = g.flatten(2).sum(-1)
             out["bias"] = (gb * gb).sum(0)
         return out
 
     def per_sample(self, module, x, go, names, ctx):
-        unf, g = self._parts(module, x, go, ctx)
+        self._check(module, x, ctx)
+        x, g = _as(x, ctx.dtype), _as(go, ctx.dtype)
         out: dict[str, Any] = {}
         if "weight" in names:
-            out["weight"] = torch.einsum("bgol,bgkl->bgok", g, unf).reshape(g.shape[0], *module.weight.shape)
+            out["weight"] = self._per_sample_weight(module, x, g)
         if "bias" in names:
-            out["bias"] = g.sum(-1).reshape(g.shape[0], -1)
+            out["bias"] = g.flatten(2).sum(-1)
         return out
 
 
@@ -290,8 +300,8 @@ class _AffineNormRule(Rule):
         raise NotImplementedError
 
     def _per_sample_parts(self, module, x, go, names, ctx) -> dict[str, Tensor]:
-        xh = self._normalised(module, x.to(ctx.dtype))
-        g = go.to(ctx.dtype)
+        xh = self._normalised(module, _as(x, ctx.dtype))
+        g = _as(go, ctx.dtype)
         out = {}
         if "weight" in names:
             out["weight"] = self._reduce(module, g * xh, ctx)

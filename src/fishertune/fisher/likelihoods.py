@@ -76,13 +76,13 @@ class Categorical(Likelihood):
 
     def nll(self, output, target, token_level=False):
         self._check(output, target)
-        logp = torch.log_softmax(_acc(output), dim=-1)
-        valid = target != self.ignore_index
-        picked = logp.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-        losses = -picked * valid
+        x = _acc(output)
+        if x.dim() > 2:  # cross_entropy wants the classes in dimension 1
+            x = x.movedim(-1, 1)
+        losses = F.cross_entropy(x, target, ignore_index=self.ignore_index, reduction="none")
         if token_level:
             _check_token_output(self.name, output, 3)
-            return losses.reshape(losses.shape[0], -1), valid.sum()
+            return losses.reshape(losses.shape[0], -1), (target != self.ignore_index).sum()
         return losses.reshape(losses.shape[0], -1).sum(1), output.shape[0]
 
     def sample(self, output, target, temperature=1.0, generator=None):
