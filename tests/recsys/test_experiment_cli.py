@@ -137,3 +137,18 @@ seeds: [0, 1]
     # a second call finds every run finished and appends nothing
     assert main(["compare", str(path), "--out", str(out)]) == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_data_commands(data_root, tmp_path: Path, monkeypatch, capsys) -> None:
+    data_root("ml-100k")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FISHERTUNE_CACHE", str(cache))
+    assert main(["data", "stats", "ml-100k"]) == 0
+    out = capsys.readouterr().out
+    assert "943" in out and "1,682" in out and "100,000" in out
+    path = _write(tmp_path, SMALL)
+    assert main(["data", "prepare", str(path)]) == 0
+    assert any(cache.rglob("*.npz"))
+    assert main(["data", "clean"]) == 0
+    assert not any(cache.rglob("*.npz"))
+    assert main(["data", "stats", "no-such-dataset"]) == 2
