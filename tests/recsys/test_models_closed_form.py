@@ -13,13 +13,6 @@ from fishertune.recsys.models import EASE, EASEConfig, Popularity, PopularityCon
 from fishertune.recsys.models.ease import ease_from_gram, gram_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend (50x slower when busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _random_csr(n_users: int, n_items: int, density: float, seed: int) -> sp.csr_matrix:

@@ -15,13 +15,6 @@ from fishertune.recsys.models.vae import input_dropout, kl_annealing, multinomia
 N_ITEMS = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend (50x slower when busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(seed: int = 0, rows: int = 6) -> torch.Tensor:

@@ -21,13 +21,6 @@ from fishertune.recsys.train import (NonFiniteLossError, TrainConfig, _epoch_bat
 N_USERS, N_ITEMS = 90, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP threads only contend (50x slower when busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy_split(seed: int = 0, empty_users: int = 4) -> Split:
