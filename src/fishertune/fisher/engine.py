@@ -71,9 +71,11 @@ class HookManager:
         self.dense: dict[str, Tensor] = {}
         self.sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.totals: list[Tensor] = []
+        self.unchecked: list[Tensor] = []
         self._dummy: Tensor | None = None
         self._patched_modules: list[nn.Module] = []
         self._ctxs: dict[int, Ctx] = {}
+        self._called: set[int] = set()
 
     # -- installation ------------------------------------------------------------------------------
     def install(self) -> None:
@@ -152,6 +154,11 @@ class HookManager:
     def _forward(self, h: Handler, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         if not self.active or self.suspended or not torch.is_grad_enabled():
             return None
+        if not h.multi_call:
+            if id(h) in self._called:
+                raise RuleError(f"module {h.module_name!r} ran more than once in this forward but once in the "
+                                "traced first batch; its per-sample gradients would miss cross terms")
+            self._called.add(id(h))
         if h.rule is not None:
             try:
                 saved = h.rule.save(module, args, kwargs)
@@ -261,6 +268,7 @@ class HookManager:
 
     def end_batch(self) -> None:
         self.records.clear()
+        self._called.clear()
 
     # -- contributions -----------------------------------------------------------------------------
     def _add(self, name: str, c: Tensor | SparseRows, rows: slice | None = None,
@@ -269,7 +277,7 @@ class HookManager:
         its sum goes to ``totals`` so that one reduction per batch detects NaN/inf."""
         s = self.scale
         if not checked:
-            self.totals.append(c.values.sum() if isinstance(c, SparseRows) else c.sum())
+            self.unchecked.append(c.values if isinstance(c, SparseRows) else c)
         if rows is not None:  # a block of rows of a larger parameter (fused attention projections)
             if name not in self.dense:
                 self.dense[name] = torch.zeros(shape, dtype=c.dtype, device=c.device)
@@ -282,11 +290,13 @@ class HookManager:
         else:
             self.dense[name] = c if s == 1.0 else c * s
 
-    def take(self, sync: bool = True) -> tuple[dict[str, Tensor], dict[str, list[tuple[Tensor, Tensor]]], Any]:
+    def take(self, sync: bool = False) -> tuple[dict[str, Tensor], dict[str, list[tuple[Tensor, Tensor]]], Any]:
         """The batch's contributions and whether all of them are finite (one reduction): a bool with
         ``sync``, else a 0-dim bool tensor on the device (None when there is nothing to check)."""
-        dense, sparse, totals = self.dense, self.sparse, self.totals
-        self.dense, self.sparse, self.totals = {}, {}, []
+        dense, sparse, totals, unchecked = self.dense, self.sparse, self.totals, self.unchecked
+        self.dense, self.sparse, self.totals, self.unchecked = {}, {}, [], []
+        if unchecked:  # contributions are >= 0: NaN/inf shows in their 1-norms (one fused kernel)
+            totals = totals + list(torch._foreach_norm(unchecked, 1))
         if not totals:
             return dense, sparse, True if sync else None
         dev, dt = totals[0].device, totals[0].dtype

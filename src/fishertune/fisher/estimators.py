@@ -168,15 +168,13 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                     max_batches: int | None = None, train_mode: bool = False,
                     autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
                     max_exact_columns: int = 256, chunk_elems: int | None = None,
-                    distributed: bool | None = None, lazy_checks: bool | None = None,
-                    progress: bool = True) -> FisherResult:
+                    distributed: bool | None = None, progress: bool = True) -> FisherResult:
     """Diagonal Fisher information of ``model`` over ``loader`` (see the module docstring).
 
     ``on_nonfinite``: ``"skip"`` drops a batch with NaN/inf (counted in ``skipped_batches``) or
     ``"raise"``. ``fallback=False`` makes modules without a rule an error instead of using torch.func.
     ``distributed``: all-reduce sums and counts over ``torch.distributed`` ranks (default: when
-    initialised). ``lazy_checks`` (default: on CUDA with ``on_nonfinite="skip"``) keeps finiteness flags
-    and counts on the device so that the loop never waits for it. ``output_transform`` picks the likelihood's input from the model output (e.g. the
+    initialised). ``output_transform`` picks the likelihood's input from the model output (e.g. the
     logits of a VAE's ``(logits, mu, logvar)``). The model runs in eval mode unless ``train_mode``.
     """
     if kind not in KINDS:
@@ -195,7 +193,6 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
     device = torch.device(device)
     acc = {n: torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                           device=p.device) for n, p in selected.items()}
-    count, n_batches, skipped = 0, 0, 0
     plan: Plan | None = None
     manager: HookManager | None = None
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -210,20 +207,39 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                             "tensor the likelihood scores (e.g. output_transform=lambda out: out[0])")
         return out
 
-    # on CUDA the loop never waits for the device: finiteness and counts stay on it until the end
-    if lazy_checks and on_nonfinite == "raise":
-        raise ValueError("lazy_checks=True cannot stop at a non-finite batch; use on_nonfinite='skip'")
-    sync_free = (device.type == "cuda" and on_nonfinite == "skip") if lazy_checks is None else lazy_checks
-    dev_count = torch.zeros((), dtype=torch.float64, device=device)
-    dev_batches = torch.zeros((), dtype=torch.long, device=device)
-    dev_seen = 0
     if chunk_elems is None:
         chunk_elems = 1 << 27 if device.type == "cuda" else 1 << 24
+    state = {"count": 0, "n_batches": 0, "skipped": 0, "seen": 0}
+    pending: list[tuple] = []
+
+    def resolve() -> None:
+        """Commit (or skip) the pending batch. Its finiteness flag is read one batch late, so that
+        on CUDA the host never waits for work it has just queued."""
+        if not pending:
+            return
+        dense, sparse, finite, batch_count, index = pending.pop()
+        if not bool(finite):
+            if on_nonfinite == "raise":
+                raise NonFiniteError(f"batch {index}: non-finite loss or squared gradient")
+            state["skipped"] += 1
+            return
+        same = [n for n, t in dense.items() if t.device == acc[n].device and t.dtype == acc[n].dtype]
+        if same:  # one fused multi-tensor add
+            torch._foreach_add_([acc[n] for n in same], [dense[n] for n in same])
+        for name, t in dense.items():
+            if name not in same:
+                acc[name].add_(t.to(acc[name].device, acc[name].dtype))
+        for name, parts in sparse.items():
+            for idx, vals in parts:
+                acc[name].index_add_(0, idx.to(acc[name].device), vals.to(acc[name].device, acc[name].dtype))
+        state["count"] += int(batch_count)
+        state["n_batches"] += 1
+
     try:
         with _frozen(model, train_mode):
             iterator = track(loader, "fisher") if progress else iter(loader)
             for batch in iterator:
-                if max_batches is not None and n_batches + skipped + dev_seen >= max_batches:
+                if max_batches is not None and state["seen"] >= max_batches:
                     break
                 inputs, target = split(batch)
                 inputs, target = _to(tuple(inputs), device), _to(target, device)
@@ -234,50 +250,22 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                 manager.set_batch(target.shape[0], token_level)
                 manager.active = True
                 try:
-                    ok, batch_count = _one_batch(manager, lik, forward, inputs, target, kind, n_samples,
-                                                 temperature, token_level, generator, max_exact_columns,
-                                                 check_loss=not sync_free)
+                    batch_count = _one_batch(manager, lik, forward, inputs, target, kind, n_samples,
+                                             temperature, token_level, generator, max_exact_columns)
                 finally:
                     manager.active = False
                     manager.end_batch()
-                dense, sparse, finite = manager.take(sync=not sync_free)
-                if sync_free:  # no host sync per batch: a device flag masks a non-finite batch out
-                    okf = finite if finite is not None else torch.ones((), dtype=torch.bool, device=device)
-                    same = [n for n, t in dense.items() if t.device == acc[n].device and t.dtype == acc[n].dtype]
-                    if same:  # one fused multi-tensor add
-                        torch._foreach_add_([acc[n] for n in same], [torch.where(okf, dense[n], 0) for n in same])
-                    for name, t in dense.items():
-                        if name in same:
-                            continue
-                        acc[name].add_(torch.where(okf, t, 0).to(acc[name].device))
-                    for name, parts in sparse.items():
-                        for idx, vals in parts:
-                            v = torch.where(okf, vals, 0)
-                            acc[name].index_add_(0, idx.to(acc[name].device), v.to(acc[name].device))
-                    dev_count += okf * batch_count
-                    dev_batches += okf
-                    dev_seen += 1
-                    continue
-                if not (ok and finite):
-                    if on_nonfinite == "raise":
-                        raise NonFiniteError(f"batch {n_batches + skipped}: non-finite loss or squared gradient")
-                    skipped += 1
-                    continue
-                for name, t in dense.items():
-                    acc[name].add_(t.to(acc[name].device))
-                for name, parts in sparse.items():
-                    for idx, vals in parts:
-                        acc[name].index_add_(0, idx.to(acc[name].device), vals.to(acc[name].device))
-                count += int(batch_count)
-                n_batches += 1
+                dense, sparse, finite = manager.take()
+                resolve()  # the previous batch
+                pending.append((dense, sparse, finite, batch_count, state["seen"]))
+                state["seen"] += 1
+            resolve()
     finally:
         if manager is not None:
             manager.remove()
     if plan is None:
         raise ValueError("the loader yielded no batches")
-    if sync_free:
-        count, n_batches = int(round(float(dev_count))), int(dev_batches)
-        skipped = dev_seen - n_batches
+    count, n_batches, skipped = state["count"], state["n_batches"], state["skipped"]
     if _use_distributed(distributed):
         from fishertune.fisher.distributed import all_reduce_sums
 
@@ -342,24 +330,19 @@ def _trace(model, selected, inputs, batch_size, forward):
 
 
 def _one_batch(manager: HookManager, lik: Likelihood, forward, inputs, target, kind, n_samples, temperature,
-               token_level, generator, max_exact_columns, check_loss: bool = True) -> tuple[bool, int | Tensor]:
-    """Forward once and run the kind's backward passes; returns (loss finite, sample count). Without
-    ``check_loss`` (CUDA) nothing syncs: the losses' sum joins the batch's finiteness check."""
+               token_level, generator, max_exact_columns) -> int | Tensor:
+    """Forward once and run the kind's backward passes; returns the batch's sample count. Nothing here
+    waits for the device: the losses' sum joins the batch's finiteness check."""
     out = forward(inputs)
     losses, count = lik.nll(out, target, token_level)
-    if check_loss:
-        if not bool(torch.isfinite(losses).all()):
-            return False, 0
-        count = int(count)
-    else:
-        manager.totals.append(losses.detach().sum())
+    manager.totals.append(losses.detach().sum())
     if not out.requires_grad:
         raise ValueError("the model output does not depend on any selected parameter")
     if kind == "empirical":
         manager.scale = 1.0
         losses.sum().backward()
         manager.end_pass()
-        return True, count
+        return count
     if kind == "true":
         manager.scale = 1.0 / n_samples
         for s in range(n_samples):
@@ -367,7 +350,7 @@ def _one_batch(manager: HookManager, lik: Likelihood, forward, inputs, target, k
             nll, _ = lik.nll(out, drawn, token_level)
             nll.sum().backward(retain_graph=s < n_samples - 1)
             manager.end_pass()
-        return True, count
+        return count
     n_cols = lik.n_columns(out, token_level)
     if n_cols > max_exact_columns:
         raise ValueError(f"kind='exact' needs {n_cols} backward passes for this output "
@@ -378,4 +361,4 @@ def _one_batch(manager: HookManager, lik: Likelihood, forward, inputs, target, k
     for k, col in enumerate(cols):
         out.backward(col.to(out.dtype), retain_graph=k < len(cols) - 1)
         manager.end_pass()
-    return True, count
+    return count

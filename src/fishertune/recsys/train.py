@@ -229,6 +229,9 @@ def train(model: Recommender, split: Split, cfg: TrainConfig, evaluate_fn: Evalu
     if config is None:
         config = {"model": model.cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     rd.write_config(config)
+    prepare = getattr(model, "prepare", None)
+    if callable(prepare):  # models that derive state from the split (e.g. sequences) before training
+        prepare(split)
     model.to(device)
     if split.train.shape != (split.n_users, split.n_items) or split.n_items != model.n_items:
         raise ValueError(f"split.train is {split.train.shape} for {split.n_users} users x {split.n_items} "
@@ -334,8 +337,12 @@ def _train_iterative(model: Recommender, split: Split, cfg: TrainConfig, evaluat
         step_module = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    rows = _Rows(split.train, device, cfg.dense_rows_mb)
-    users = np.flatnonzero(np.diff(rows.csr.indptr) > 0)
+    make_source = getattr(model, "batch_source", None)
+    if callable(make_source):  # the model makes its own batches: (users -> batch, training users)
+        rows, users = make_source(split, device)
+    else:
+        rows = _Rows(split.train, device, cfg.dense_rows_mb)
+        users = np.flatnonzero(np.diff(rows.csr.indptr) > 0)
     if len(users) == 0:
         raise ValueError("split.train has no user with a training interaction")
     n_params = sum(p.numel() for p in model.parameters())

@@ -19,10 +19,14 @@ from fishertune.recsys.models.base import (Recommender, build_model, get_model_c
 from fishertune.recsys.models.ease import EASE, EASEConfig
 from fishertune.recsys.models.popularity import Popularity, PopularityConfig
 from fishertune.recsys.models.vae import MultDAE, MultDAEConfig, MultVAE, MultVAEConfig
+from fishertune.recsys.models.sasrec import SASRec, SASRecConfig
+from fishertune.recsys.models.bert4rec import BERT4Rec, BERT4RecConfig
 
-ModelConfig = Annotated[Union[PopularityConfig, EASEConfig, MultDAEConfig, MultVAEConfig],
+ModelConfig = Annotated[Union[PopularityConfig, EASEConfig, MultDAEConfig, MultVAEConfig, SASRecConfig,
+                              BERT4RecConfig],
                         Field(discriminator="name")]
 
 __all__ = ["Recommender", "ModelConfig", "build_model", "register_model", "get_model_class",
            "registered_models", "Popularity", "PopularityConfig", "EASE", "EASEConfig", "MultDAE",
-           "MultDAEConfig", "MultVAE", "MultVAEConfig"]
+           "MultDAEConfig", "MultVAE", "MultVAEConfig",
+           "SASRec", "SASRecConfig", "BERT4Rec", "BERT4RecConfig"]
