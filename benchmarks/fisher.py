@@ -113,7 +113,7 @@ def backpack_(case):
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared
     except ImportError as exc:
-        raise Unsupported(f"not installed ({exc})")
+        raise Unsupported(f"not installed ({exc})") from None
     model = extend(case.model)
 
     def run():
@@ -138,7 +138,7 @@ def nngeometry_(case):
         from nngeometry.layercollection import LayerCollection
         from nngeometry.object import PMatDiag
     except ImportError as exc:
-        raise Unsupported(f"not installed ({exc})")
+        raise Unsupported(f"not installed ({exc})") from None
     from torch.utils.data import DataLoader, TensorDataset
 
     xs = torch.cat([x[0] for x, _ in case.batches])
@@ -148,7 +148,7 @@ def nngeometry_(case):
     try:
         lc = LayerCollection.from_model(model)
     except Exception as exc:  # noqa: BLE001
-        raise Unsupported(f"LayerCollection: {exc}")
+        raise Unsupported(f"LayerCollection: {exc}") from None
 
     def function(x, y):
         return case.nll(model(x), y).unsqueeze(1)  # per-sample log-likelihood (sign irrelevant, squared)
@@ -159,7 +159,7 @@ def nngeometry_(case):
         diag = PMatDiag(generator=backend, examples=loader).data
         modules = dict(model.named_modules())
         out, start = {}, 0
-        for lname, layer in lc.layers.items():
+        for lname in lc.layers:
             mod = modules[lname]
             for pname in ("weight", "bias"):
                 p = getattr(mod, pname, None)
@@ -177,7 +177,7 @@ def curvlinops_(case, matvecs: int = 8):
     try:
         from curvlinops import EFLinearOperator, hutchinson_diag
     except ImportError as exc:
-        raise Unsupported(f"not installed ({exc})")
+        raise Unsupported(f"not installed ({exc})") from None
     params = [p for p in case.model.parameters()]
     data = [(x[0], y) for x, y in case.batches]
 

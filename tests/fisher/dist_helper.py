@@ -23,7 +23,7 @@ def data():
     return torch.randint(0, 7, (10, 3), generator=g), torch.randint(0, 3, (10,), generator=g)
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, out: str, empty: bool) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FISHERTUNE_PROGRESS="0")
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -31,7 +31,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         from fishertune.fisher import diagonal_fisher
 
         x, y = data()
-        shard = slice(0, 6) if rank == 0 else slice(6, 10)  # unequal shards on purpose
+        if empty:  # rank 1 has no data at all; it must still join the reduction
+            shard = slice(0, 10) if rank == 0 else slice(10, 10)
+        else:
+            shard = slice(0, 6) if rank == 0 else slice(6, 10)  # unequal shards on purpose
         xs, ys = x[shard], y[shard]
         batches = [(xs[i:i + 4], ys[i:i + 4]) for i in range(0, len(ys), 4)]
         res = diagonal_fisher(model(), batches, progress=False)
@@ -47,4 +50,5 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
-    mp.start_processes(worker, args=(2, free_port(), sys.argv[1]), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(worker, args=(2, free_port(), sys.argv[1], sys.argv[2:] == ["empty"]), nprocs=2, join=True,
+                       start_method="fork")

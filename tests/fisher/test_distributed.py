@@ -6,17 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import dist_helper
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("mode", ["unequal", "empty"])
+def test_two_gloo_processes_equal_one(tmp_path, mode):
     from fishertune.fisher import diagonal_fisher
 
     out = str(tmp_path / "res")
     helper = Path(__file__).with_name("dist_helper.py")
-    proc = subprocess.run([sys.executable, str(helper), out], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(helper), out, mode], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     x, y = dist_helper.data()
     with torch.random.fork_rng():

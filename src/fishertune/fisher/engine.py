@@ -292,13 +292,13 @@ class HookManager:
 
     def take(self, sync: bool = False) -> tuple[dict[str, Tensor], dict[str, list[tuple[Tensor, Tensor]]], Any]:
         """The batch's contributions and whether all of them are finite (one reduction): a bool with
-        ``sync``, else a 0-dim bool tensor on the device (None when there is nothing to check)."""
+        ``sync``, else a 0-dim bool tensor on the device (read later, without stalling the device)."""
         dense, sparse, totals, unchecked = self.dense, self.sparse, self.totals, self.unchecked
         self.dense, self.sparse, self.totals, self.unchecked = {}, {}, [], []
         if unchecked:  # contributions are >= 0: NaN/inf shows in their 1-norms (one fused kernel)
             totals = totals + list(torch._foreach_norm(unchecked, 1))
         if not totals:
-            return dense, sparse, True if sync else None
+            return dense, sparse, True
         dev, dt = totals[0].device, totals[0].dtype
         same = all(t.dtype == dt and t.device == dev for t in totals)
         flag = torch.isfinite(torch.stack(totals if same else [t.to(dev, torch.float64) for t in totals]).sum())

@@ -263,24 +263,26 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
     finally:
         if manager is not None:
             manager.remove()
-    if plan is None:
-        raise ValueError("the loader yielded no batches")
     count, n_batches, skipped = state["count"], state["n_batches"], state["skipped"]
-    if _use_distributed(distributed):
+    if _use_distributed(distributed):  # every rank joins, also one whose shard was empty
         from fishertune.fisher.distributed import all_reduce_sums
 
         count, n_batches, skipped = all_reduce_sums(acc, [count, n_batches, skipped])
+    elif plan is None:
+        raise ValueError("the loader yielded no batches")
     if count == 0:
-        raise ValueError(f"no usable samples: {skipped} batch(es) skipped for non-finite values")
+        raise ValueError(f"no usable samples: {n_batches + skipped} batch(es), {skipped} skipped for "
+                         "non-finite values")
     if skipped:
         warnings.warn(f"diagonal_fisher: skipped {skipped} batch(es) with NaN/inf", RuntimeWarning, stacklevel=2)
-    for w in plan.warnings:
+    plan_warnings = list(plan.warnings) if plan is not None else []
+    for w in plan_warnings:
         warnings.warn(w, RuntimeWarning, stacklevel=2)
     if normalize:
         for t in acc.values():
             t.div_(count)
     return FisherResult(acc, count, n_batches, skipped, kind, lik.name, normalize, token_level,
-                        plan.paths(), plan.param_paths(), list(plan.warnings))
+                        plan.paths() if plan else {}, plan.param_paths() if plan else {}, plan_warnings)
 
 
 def _use_distributed(flag: bool | None) -> bool:

@@ -202,7 +202,7 @@ class FisherStore:
                         "storage": self.storage, "kind": "ema" if t.decay is not None else "one-shot"}
                  for name, t in self._tasks.items()}
         caches: dict[str, int] = {}
-        for (task, dev), d in self._cache.items():
+        for (_task, dev), d in self._cache.items():
             caches[dev] = caches.get(dev, 0) + nbytes(d)
         stored = sum(v["bytes"] for v in tasks.values())
         return {"tasks": tasks, "cache_bytes": caches, "stored_bytes": stored,
