@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from fishertune.cli import main
 from fishertune.config import ConfigError, load_config
@@ -152,3 +153,35 @@ def test_data_commands(data_root, tmp_path: Path, monkeypatch, capsys) -> None:
     assert main(["data", "clean"]) == 0
     assert not any(cache.rglob("*.npz"))
     assert main(["data", "stats", "no-such-dataset"]) == 2
+
+
+def test_fisher_of_a_trained_multvae_run(data_root, tmp_path: Path, monkeypatch) -> None:
+    """`fishertune fisher compute RUN_DIR` equals the engine called directly on the run's model."""
+    data_root("ml-100k")
+    monkeypatch.setenv("FISHERTUNE_CACHE", str(tmp_path / "cache"))
+    text = SMALL.replace("model: {name: ease, lambda_: 300}",
+                         "model: {name: multvae, hidden_dims: [20], latent_dim: 8}")
+    run_dir = tmp_path / "run"
+    assert main(["train", str(_write(tmp_path, text)), "--run-dir", str(run_dir)]) == 0
+    out = tmp_path / "F.safetensors"
+    assert main(["fisher", "compute", str(run_dir), "--out", str(out), "--max-batches", "2"]) == 0
+
+    from safetensors.torch import load_file
+
+    from fishertune.fisher import diagonal_fisher
+    from fishertune.recsys.fisher import load_model_and_data
+
+    stored = load_file(out)
+    target = load_model_and_data(run_dir)
+    direct = diagonal_fisher(target.model, target.loader, likelihood="multinomial", max_batches=2,
+                             progress=False)
+    assert len(direct.fisher) > 0
+    for name, value in direct.fisher.items():
+        match = [k for k in stored if k.endswith(name)]
+        assert match, f"{name} missing from {sorted(stored)[:5]}"
+        assert torch.allclose(stored[match[0]].float(), value.float(), rtol=1e-5, atol=1e-12)
+        assert torch.isfinite(value).all() and value.sum() > 0
+
+    ease_dir = tmp_path / "ease"
+    assert main(["train", str(_write(tmp_path, SMALL)), "--run-dir", str(ease_dir)]) == 0
+    assert main(["fisher", "compute", str(ease_dir), "--out", str(tmp_path / "E.safetensors")]) == 2
