@@ -16,11 +16,11 @@ from pydantic import Field
 
 from fishertune.recsys.models.base import (Recommender, build_model, get_model_class, register_model,
                                            registered_models)
+from fishertune.recsys.models.bert4rec import BERT4Rec, BERT4RecConfig
 from fishertune.recsys.models.ease import EASE, EASEConfig
 from fishertune.recsys.models.popularity import Popularity, PopularityConfig
-from fishertune.recsys.models.vae import MultDAE, MultDAEConfig, MultVAE, MultVAEConfig
 from fishertune.recsys.models.sasrec import SASRec, SASRecConfig
-from fishertune.recsys.models.bert4rec import BERT4Rec, BERT4RecConfig
+from fishertune.recsys.models.vae import MultDAE, MultDAEConfig, MultVAE, MultVAEConfig
 
 ModelConfig = Annotated[Union[PopularityConfig, EASEConfig, MultDAEConfig, MultVAEConfig, SASRecConfig,
                               BERT4RecConfig],
