@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -205,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
-        return _fail(str(exc))
+        if os.environ.get("FISHERTUNE_DEBUG"):
+            raise
+        return _fail(f"{exc} (set FISHERTUNE_DEBUG=1 for the traceback)")
     except KeyboardInterrupt:
         console.print("interrupted: finished parts are kept; run the same command again to resume")
         return 130
