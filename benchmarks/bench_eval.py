@@ -15,49 +15,22 @@ the project's packages); otherwise its row says why it is missing.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import os
 import math
-import time
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from common import best_time, ml1m_last_item  # noqa: E402 (benchmarks/ is on sys.path when run)
 from fishertune.recsys.evaluate import evaluate_full
-from fishertune.utils.settings import data_root
 
 KS = (10, 20, 50, 100)
 
 
-def load_ml1m_loo() -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """``(train, test)`` CSR matrices: the last item by timestamp of each user is the test target."""
-    path = data_root() / "ml-1m" / "ratings.dat.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: set FISHERTUNE_DATA to the datasets folder")
-    raw = gzip.decompress(path.read_bytes()).replace(b"::", b"\t")
-    df = pd.read_csv(io.BytesIO(raw), sep="\t", names=["user", "item", "rating", "ts"], engine="c")
-    df["user"] = pd.factorize(df["user"], sort=True)[0]
-    df["item"] = pd.factorize(df["item"], sort=True)[0]
-    df = df.sort_values(["user", "ts", "item"], kind="stable")
-    last = df.groupby("user").tail(1)
-    shape = (int(df["user"].max()) + 1, int(df["item"].max()) + 1)
-
-    def csr(frame: pd.DataFrame) -> sp.csr_matrix:
-        return sp.csr_matrix((np.ones(len(frame), np.float32), (frame["user"], frame["item"])), shape=shape)
-    return csr(df.drop(last.index)), csr(last)
 
 
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def naive_eval(scores: np.ndarray, train: sp.csr_matrix, test: sp.csr_matrix, users: np.ndarray) -> dict[str, float]:
@@ -129,7 +102,7 @@ def synthetic_loo(n_users: int = 6040, n_items: int = 3706, per_user: int = 165,
 def bench_eval(repeats: int = 5, naive_users: int = 600, batch_size: int = 1024, device: str = "cpu",
                synthetic: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"method", "scores", "seconds", "users", "note", "metrics"}`` for ML-1M leave-one-out."""
-    train, test = synthetic_loo() if synthetic else load_ml1m_loo()
+    train, test = synthetic_loo() if synthetic else ml1m_last_item()
     n_users, n_items = train.shape
     table_cpu = torch.rand(n_users, n_items, generator=torch.Generator().manual_seed(0))
     table = table_cpu.to(device)

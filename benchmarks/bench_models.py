@@ -20,37 +20,21 @@ a ``.pth`` file); otherwise its row says why it is missing.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import math
 import os
-import time
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from common import best_time, ml1m_binary  # noqa: E402 (benchmarks/ is on sys.path when run)
 from fishertune.recsys.data.types import IdMap, Split
 from fishertune.recsys.models import EASE, EASEConfig, build_model
 from fishertune.recsys.models.ease import gram_matrix
 from fishertune.recsys.train import TrainConfig, train
-from fishertune.utils.settings import data_root
 
 
-def load_ml1m_binary() -> sp.csr_matrix:
-    """ML-1M users x items (every rated item), 1 where the rating is >= 4."""
-    path = data_root() / "ml-1m" / "ratings.dat.gz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: set FISHERTUNE_DATA to the datasets folder")
-    raw = gzip.decompress(path.read_bytes()).replace(b"::", b"\t")
-    df = pd.read_csv(io.BytesIO(raw), sep="\t", names=["user", "item", "rating", "ts"], engine="c")
-    users = pd.factorize(df["user"], sort=True)[0]
-    items = pd.factorize(df["item"], sort=True)[0]
-    keep = df["rating"].to_numpy() >= 4
-    shape = (int(users.max()) + 1, int(items.max()) + 1)
-    return sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (users[keep], items[keep])), shape=shape)
 
 
 def synthetic_ml1m(seed: int = 0) -> sp.csr_matrix:
@@ -68,13 +52,6 @@ def synthetic_ml1m(seed: int = 0) -> sp.csr_matrix:
     return x
 
 
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def recbole_ease(x: sp.csr_matrix, lam: float) -> tuple[Callable[[], np.ndarray], str]:
@@ -134,7 +111,7 @@ def bare_mlp_epoch(x: sp.csr_matrix, n_batches: int, batch_size: int, device: st
 
 def bench_models(repeats: int = 3, device: str = "cpu", synthetic: bool = False) -> list[dict[str, Any]]:
     """Rows ``{"what", "seconds", "note"}``."""
-    x = synthetic_ml1m() if synthetic else load_ml1m_binary()
+    x = synthetic_ml1m() if synthetic else ml1m_binary()
     rows: list[dict[str, Any]] = []
     shape = f"{x.shape[0]:,} x {x.shape[1]:,}, {x.nnz:,} interactions"
 

@@ -6,12 +6,12 @@ process on the same data and are checked equal before any time is reported. Targ
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from common import best_time  # benchmarks/ is on sys.path when run
 from fishertune.recsys.data import Interactions, Split, leave_one_out, load_dataset
 
 
@@ -39,20 +39,13 @@ def loo_per_user_loop(inter: Interactions) -> tuple[sp.csr_matrix, sp.csr_matrix
     return mat(train), mat(valid), mat(test)
 
 
-def _best(fn, repeat: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def bench_split(repeat: int = 3) -> list[dict[str, Any]]:
     """Rows of {task, seconds, ...}: ML-1M read, our leave-one-out, the per-user loop, the speed-up."""
-    t_read, inter = _best(lambda: load_dataset("ml-1m"), repeat)
-    t_ours, split = _best(lambda: leave_one_out(inter), repeat)
-    t_loop, (tr, va, te) = _best(lambda: loo_per_user_loop(inter), 1)
+    t_read, inter = best_time(lambda: load_dataset("ml-1m"), repeat)
+    t_ours, split = best_time(lambda: leave_one_out(inter), repeat)
+    t_loop, (tr, va, te) = best_time(lambda: loo_per_user_loop(inter), 1)
     assert isinstance(split, Split)
     pairs = ((split.train, tr, "train"), (split.valid_target, va, "valid"), (split.test_target, te, "test"))
     for mine, ref, name in pairs:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
-from fishertune.fisher.estimators import _frozen, _to, default_batch
+from fishertune.fisher.estimators import _frozen, _to, default_batch, select_parameters
 from fishertune.fisher.likelihoods import Likelihood, get_likelihood
 from fishertune.fisher.reductions import BY, ranked, reduce
 
@@ -77,14 +77,7 @@ class CurvatureOperator:
             raise ValueError(f"kind must be 'ggn' or 'empirical', got {kind!r}")
         self.model, self.kind = model, kind
         self.lik = get_likelihood(likelihood)
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if params is not None:
-            missing = [n for n in params if n not in named]
-            if missing:
-                raise ValueError(f"unknown parameters {missing}")
-            named = {n: named[n] for n in params}
-        if not named:
-            raise ValueError("no trainable parameters")
+        named = select_parameters(model, params)
         self.names = list(named)
         self.shapes = [p.shape for p in named.values()]
         self.primals = {n: p.detach() for n, p in named.items()}

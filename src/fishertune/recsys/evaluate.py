@@ -122,6 +122,19 @@ def _check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
+def _setup(ks: Sequence[int], metrics: Sequence[str], allowed: tuple[str, ...], batch_size: int,
+           device: str | torch.device, input: Any, target: Any, users: Any):
+    """Validated arguments shared by both evaluators; the users to score are those with a target."""
+    ks = _check_ks(ks)
+    metrics = _check_metrics(metrics, allowed)
+    batch_size = _check_batch_size(batch_size)
+    inp, tgt = _prepare(input, target)
+    users = _select_users(tgt, users)
+    if users.size == 0:
+        raise ValueError("no user to evaluate: the target matrix is empty")
+    return ks, metrics, batch_size, torch.device(device), inp, tgt, users
+
+
 def _coords(mat: sp.csr_matrix, rows: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(row in batch, item)`` index tensors of the stored entries of ``mat[rows]``."""
     sub = mat[rows]
@@ -210,14 +223,8 @@ def evaluate_full(score_fn: ScoreFn, input: sp.spmatrix, target: sp.spmatrix,
     raises ``ValueError`` naming the user (NaN on masked items is harmless and ignored). ``history``
     is binary: 1.0 for each of the user's input items.
     """
-    ks = _check_ks(ks)
-    metrics = _check_metrics(metrics, FULL_METRICS)
-    batch_size = _check_batch_size(batch_size)
-    device = torch.device(device)
-    inp, tgt = _prepare(input, target)
-    users = _select_users(tgt, users)
-    if users.size == 0:
-        raise ValueError("no user to evaluate: the target matrix is empty")
+    ks, metrics, batch_size, device, inp, tgt, users = _setup(
+        ks, metrics, FULL_METRICS, batch_size, device, input, target, users)
     n_items = inp.shape[1]
     kmax = max(ks)
     k_top = min(kmax, n_items)
@@ -373,14 +380,8 @@ def evaluate_sampled(score_fn: ScoreFn, input: sp.spmatrix, target: sp.spmatrix,
     ``n_negatives``, ``seed``, ``sampling`` and ``candidates`` are unused. Input items are not masked
     here: only the target and its negatives are ranked.
     """
-    ks = _check_ks(ks)
-    metrics = _check_metrics(metrics, SAMPLED_METRICS)
-    batch_size = _check_batch_size(batch_size)
-    device = torch.device(device)
-    inp, tgt = _prepare(input, target)
-    users = _select_users(tgt, users)
-    if users.size == 0:
-        raise ValueError("no user to evaluate: the target matrix is empty")
+    ks, metrics, batch_size, device, inp, tgt, users = _setup(
+        ks, metrics, SAMPLED_METRICS, batch_size, device, input, target, users)
     if negatives is None:
         neg = sample_negatives(inp, tgt, users, n_negatives, seed, sampling, candidates)
     else:

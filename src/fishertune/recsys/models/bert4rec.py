@@ -38,9 +38,6 @@ class BERT4Rec(SequentialRecommender):
 
     def __init__(self, cfg: BERT4RecConfig, n_users: int, n_items: int) -> None:
         super().__init__(cfg, n_users, n_items)
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"bert4rec: hidden_size {cfg.hidden_size} is not divisible by num_heads "
-                             f"{cfg.num_heads}")
         self.train_len = cfg.max_len
         self.mask_token = n_items + 1
         d = cfg.hidden_size

@@ -45,6 +45,9 @@ class SequentialRecommender(Recommender):
 
     def __init__(self, cfg: StrictModel, n_users: int, n_items: int) -> None:
         super().__init__(cfg, n_users, n_items)
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"{cfg.name}: hidden_size {cfg.hidden_size} is not divisible by num_heads "
+                             f"{cfg.num_heads}")
         self.max_len = int(cfg.max_len)  # type: ignore[attr-defined]
         self.register_buffer("train_seqs", torch.zeros(n_users, 1, dtype=torch.long), persistent=False)
         self.register_buffer("all_seqs", torch.zeros(n_users, 1, dtype=torch.long), persistent=False)
@@ -106,8 +109,6 @@ class SASRec(SequentialRecommender):
 
     def __init__(self, cfg: SASRecConfig, n_users: int, n_items: int) -> None:
         super().__init__(cfg, n_users, n_items)
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"sasrec: hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
         self.train_len = cfg.max_len + 1  # inputs = seq[:-1], targets = seq[1:]
         d = cfg.hidden_size
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
