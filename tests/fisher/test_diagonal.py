@@ -534,3 +534,23 @@ def test_module_called_more_often_than_in_the_trace_is_an_error():
     x, y = torch.randn(9, 3), torch.randint(0, 3, (9,))
     with pytest.raises(ValueError, match="more than once in this forward"):
         diagonal_fisher(Loop(), [(x[:4], y[:4]), (x, y)], progress=False)
+
+
+@pytest.mark.parametrize("micro", [1, 3, "auto"])
+def test_micro_batches_are_exact_and_count_whole_batches(micro, monkeypatch):
+    import fishertune.fisher.estimators as est
+
+    monkeypatch.setattr(est, "CPU_OUTPUT_BUDGET", 2)  # "auto" must split these tiny outputs (3 per sample)
+    m = SeqModel()
+    idx = torch.randint(0, 7, (9, 6))
+    y = torch.randint(0, 3, (9,))
+    whole = run(m, (idx,), y, size=8, micro_batch=None)
+    res = run(m, (idx,), y, size=8, micro_batch=micro)
+    assert res.n_batches == whole.n_batches == 2 and res.n_samples == 9
+    assert_close(res.fisher, whole.fisher)
+    assert_close(res.fisher, brute_empirical(m, (idx,), y, get_likelihood("categorical")))
+
+
+def test_micro_batch_rejects_bad_values():
+    with pytest.raises(ValueError, match="micro_batch"):
+        run(SeqModel(), (torch.randint(0, 7, (4, 6)),), torch.randint(0, 3, (4,)), micro_batch=0)

@@ -168,6 +168,7 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                     max_batches: int | None = None, train_mode: bool = False,
                     autocast_dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
                     max_exact_columns: int = 256, chunk_elems: int | None = None,
+                    micro_batch: int | str | None = "auto",
                     distributed: bool | None = None, progress: bool = True) -> FisherResult:
     """Diagonal Fisher information of ``model`` over ``loader`` (see the module docstring).
 
@@ -176,6 +177,10 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
     ``distributed``: all-reduce sums and counts over ``torch.distributed`` ranks (default: when
     initialised). ``output_transform`` picks the likelihood's input from the model output (e.g. the
     logits of a VAE's ``(logits, mu, logvar)``). The model runs in eval mode unless ``train_mode``.
+    ``micro_batch``: split each batch into pieces of this many samples (exact: the Fisher is a sum over
+    samples). ``"auto"`` (default) splits only on the CPU and only when a batch's output is large (more
+    than ``CPU_OUTPUT_BUDGET`` elements, e.g. a softmax over 20k items at 50 positions): there, a batch's
+    logits fall out of the caches and micro-batches run 1.5-2x faster; ``None`` never splits.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -185,6 +190,8 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (micro_batch is None or micro_batch == "auto" or (isinstance(micro_batch, int) and micro_batch >= 1)):
+        raise ValueError(f"micro_batch must be a positive int, 'auto' or None, got {micro_batch!r}")
     lik = get_likelihood(likelihood)
     selected = select_parameters(model, params, modules)
     split = batch_to_inputs or default_batch
@@ -205,11 +212,14 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
         if not isinstance(out, Tensor):
             raise TypeError(f"the model returned {type(out).__name__}; pass output_transform to pick the "
                             "tensor the likelihood scores (e.g. output_transform=lambda out: out[0])")
+        if out.dim() > 0 and out.shape[0] > 0:
+            state["out_per_sample"] = out.numel() // out.shape[0]
         return out
 
     if chunk_elems is None:
         chunk_elems = 1 << 27 if device.type == "cuda" else 1 << 24
-    state = {"count": 0, "n_batches": 0, "skipped": 0, "seen": 0}
+    state = {"count": 0, "n_batches": 0, "skipped": 0, "seen": 0, "out_per_sample": 0, "counted": -1}
+    pieces: int | None = micro_batch if isinstance(micro_batch, int) else None
     pending: list[tuple] = []
 
     def resolve() -> None:
@@ -233,7 +243,9 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
             for idx, vals in parts:
                 acc[name].index_add_(0, idx.to(acc[name].device), vals.to(acc[name].device, acc[name].dtype))
         state["count"] += int(batch_count)
-        state["n_batches"] += 1
+        if index != state["counted"]:  # micro-batches of one batch count once
+            state["n_batches"] += 1
+            state["counted"] = index
 
     try:
         with _frozen(model, train_mode):
@@ -246,18 +258,21 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                 if plan is None:
                     plan, manager = _make_plan(model, selected, inputs, target.shape[0], forward, fallback,
                                                token_level, chunk_elems)
+                    if micro_batch == "auto" and device.type == "cpu" and state["out_per_sample"]:
+                        pieces = max(1, CPU_OUTPUT_BUDGET // state["out_per_sample"])
                 assert manager is not None
-                manager.set_batch(target.shape[0], token_level)
-                manager.active = True
-                try:
-                    batch_count = _one_batch(manager, lik, forward, inputs, target, kind, n_samples,
-                                             temperature, token_level, generator, max_exact_columns)
-                finally:
-                    manager.active = False
-                    manager.end_batch()
-                dense, sparse, finite = manager.take()
-                resolve()  # the previous batch
-                pending.append((dense, sparse, finite, batch_count, state["seen"]))
+                for part_inputs, part_target in _micro_batches(inputs, target, pieces):
+                    manager.set_batch(part_target.shape[0], token_level)
+                    manager.active = True
+                    try:
+                        batch_count = _one_batch(manager, lik, forward, part_inputs, part_target, kind, n_samples,
+                                                 temperature, token_level, generator, max_exact_columns)
+                    finally:
+                        manager.active = False
+                        manager.end_batch()
+                    dense, sparse, finite = manager.take()
+                    resolve()  # the previous (micro-)batch
+                    pending.append((dense, sparse, finite, batch_count, state["seen"]))
                 state["seen"] += 1
             resolve()
     finally:
@@ -283,6 +298,22 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
             t.div_(count)
     return FisherResult(acc, count, n_batches, skipped, kind, lik.name, normalize, token_level,
                         plan.paths() if plan else {}, plan.param_paths() if plan else {}, plan_warnings)
+
+
+CPU_OUTPUT_BUDGET = 1 << 22
+"""Output elements per micro-batch that ``micro_batch="auto"`` aims for on the CPU (16 MB of fp32, half a typical L3 cache)."""
+
+
+def _micro_batches(inputs: tuple, target: Tensor, size: int | None) -> Iterator[tuple[tuple, Tensor]]:
+    """Split a batch along dim 0 into pieces of ``size`` samples; whole when every tensor input does not
+    lead with the batch size (the model may mix batched and unbatched inputs) or no split is asked."""
+    n = target.shape[0] if target.dim() > 0 else 0
+    batched = all(not isinstance(t, Tensor) or (t.dim() > 0 and t.shape[0] == n) for t in inputs)
+    if size is None or size >= n or not batched:
+        yield inputs, target
+        return
+    for i in range(0, n, size):
+        yield tuple(t[i:i + size] if isinstance(t, Tensor) else t for t in inputs), target[i:i + size]
 
 
 def _use_distributed(flag: bool | None) -> bool:
