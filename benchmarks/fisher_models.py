@@ -129,6 +129,8 @@ def _ml1m_rows(n_rows: int, n_items: int) -> Tensor | None:
     rows = np.searchsorted(uniq_users, users[keep])
     x = torch.zeros(len(uniq_users), n_items)
     x[torch.from_numpy(rows), torch.from_numpy(items[keep])] = 1.0
+    if len(x) < n_rows:  # GPU batches ask for more rows than ML-1M's 6,040 users: repeat them
+        x = x.repeat(-(-n_rows // len(x)), 1)[:n_rows]
     return x
 
 

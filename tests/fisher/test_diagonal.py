@@ -554,3 +554,12 @@ def test_micro_batches_are_exact_and_count_whole_batches(micro, monkeypatch):
 def test_micro_batch_rejects_bad_values():
     with pytest.raises(ValueError, match="micro_batch"):
         run(SeqModel(), (torch.randint(0, 7, (4, 6)),), torch.randint(0, 3, (4,)), micro_batch=0)
+
+
+def test_empty_batches_are_ignored():
+    m = SeqModel()
+    idx, y = torch.randint(0, 7, (5, 6)), torch.randint(0, 3, (5,))
+    loader = [((idx[:0],), y[:0]), ((idx,), y), ((idx[:0],), y[:0])]
+    res = diagonal_fisher(m, loader, progress=False)
+    assert res.n_samples == 5 and res.n_batches == 1
+    assert_close(res.fisher, brute_empirical(m, (idx,), y, get_likelihood("categorical")))

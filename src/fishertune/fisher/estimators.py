@@ -255,6 +255,9 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
                     break
                 inputs, target = split(batch)
                 inputs, target = _to(tuple(inputs), device), _to(target, device)
+                if target.dim() > 0 and target.shape[0] == 0:  # an empty batch adds nothing
+                    state["seen"] += 1
+                    continue
                 if plan is None:
                     plan, manager = _make_plan(model, selected, inputs, target.shape[0], forward, fallback,
                                                token_level, chunk_elems)
@@ -284,7 +287,7 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
 
         count, n_batches, skipped = all_reduce_sums(acc, [count, n_batches, skipped])
     elif plan is None:
-        raise ValueError("the loader yielded no batches")
+        raise ValueError("the loader yielded no (non-empty) batches")
     if count == 0:
         raise ValueError(f"no usable samples: {n_batches + skipped} batch(es), {skipped} skipped for "
                          "non-finite values")
