@@ -287,7 +287,7 @@ def diagonal_fisher(model: nn.Module, loader: Iterable, likelihood: str | Likeli
 
         count, n_batches, skipped = all_reduce_sums(acc, [count, n_batches, skipped])
     elif plan is None:
-        raise ValueError("the loader yielded no (non-empty) batches")
+        raise ValueError("the loader yielded no batches (or only empty ones)")
     if count == 0:
         raise ValueError(f"no usable samples: {n_batches + skipped} batch(es), {skipped} skipped for "
                          "non-finite values")
