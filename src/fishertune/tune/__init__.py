@@ -1,1 +1,20 @@
-"""fishertune.tune (see its issue); the core never imports recsys."""
+"""fishertune.tune: Fisher-guided fine-tuning (FisherTune, parameter masks, EWC, DR-FIM); the core
+never imports recsys. See docs/tune.md."""
+
+from fishertune.tune.drfim import dr_fim, masks_from_importance, normalize_importance, posterior_std
+from fishertune.tune.fishertune import (FisherFn, FisherTuneConfig, FisherTuner, batch_gradient_fisher,
+                                        build_perturbation, engine_fisher, resolve_groups)
+from fishertune.tune.masking import ParameterMask
+from fishertune.tune.perturb import Combined, FeatureShift, NoiseInjection, Perturbation, check_range
+from fishertune.tune.presets import load_presets, preset_config
+from fishertune.tune.regularize import OnlineFisher, ewc_penalty
+from fishertune.tune.schedule import AdaptiveOffset, delta_at
+
+__all__ = [
+    "AdaptiveOffset", "Combined", "FeatureShift", "FisherFn", "FisherTuneConfig", "FisherTuner", "NoiseInjection",
+    "OnlineFisher", "ParameterMask", "Perturbation", "batch_gradient_fisher", "build_perturbation", "check_range",
+    "delta_at", "dr_fim", "engine_fisher", "ewc_penalty", "load_presets", "masks_from_importance",
+    "normalize_importance", "posterior_std", "preset_config", "resolve_groups",
+]
+
+# small-data strategies (helper D)

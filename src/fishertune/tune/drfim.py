@@ -1,0 +1,145 @@
+"""The domain-related Fisher (DR-FIM), its variational stabilisation and importance normalisation.
+
+DR-FIM (Zhao et al., CVPR 2025, FisherTune) per parameter entry::
+
+    DR = F(x)/s + exp(-(eps_mu + eps_sigma)) * |F(x) - F(x')| / (min(F(x), F(x')) + floor + eps * s)
+
+``F(x')`` is the Fisher on perturbed data, ``(eps_mu, eps_sigma)`` the perturbation sizes. ``s`` is
+the Fisher scale of the parameter's group (``fisher_scale="mean"``: the group mean of ``F(x)``;
+``"raw"``: 1, the paper's literal formula). With ``"mean"`` both terms are dimensionless, so the
+balance between "important" (first term) and "domain-sensitive" (second term) does not depend on
+the loss scale, and ``eps`` is relative. ``floor`` is 0, or ``gamma / tau^2`` with the variational
+estimate: the relative change is then taken between posterior precisions
+``Lambda = F / gamma + 1 / tau^2`` (see :func:`posterior_std`), which damps the huge relative changes of
+entries whose Fisher is at noise level. With ``x' = x`` the second term is exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["dr_fim", "group_scales", "posterior_std", "variational_floor", "normalize_importance",
+           "masks_from_importance", "quantile_summary"]
+
+
+def group_scales(fisher: Mapping[str, Tensor], groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Per parameter name: the mean Fisher of its group (1.0 where the group's Fisher is all zero)."""
+    out: dict[str, float] = {}
+    for names in groups.values():
+        total = sum(float(fisher[n].double().sum()) for n in names)
+        count = sum(fisher[n].numel() for n in names)
+        mean = total / count if count else 0.0
+        for n in names:
+            out[n] = mean if mean > 0 and math.isfinite(mean) else 1.0
+    return out
+
+
+def dr_fim(fisher: Mapping[str, Tensor], perturbed: Mapping[str, Tensor] | None, magnitude: tuple[float, float],
+           *, scale: Mapping[str, float] | None = None, floor: float = 0.0, eps: float = 1e-8
+           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(DR-FIM, extra term)`` per parameter (see the module docstring); ``perturbed=None``: the extra
+    term is zero and DR-FIM is ``F / s``."""
+    if floor < 0 or eps < 0:
+        raise ValueError("floor and eps must be >= 0")
+    w = math.exp(-(float(magnitude[0]) + float(magnitude[1])))
+    dr: dict[str, Tensor] = {}
+    extra: dict[str, Tensor] = {}
+    for n, f in fisher.items():
+        s = float(scale[n]) if scale is not None else 1.0
+        base = f / s
+        if perturbed is None:
+            dr[n], extra[n] = base, torch.zeros_like(f)
+            continue
+        fp = perturbed[n].to(f.device, f.dtype)
+        if fp.shape != f.shape:
+            raise ValueError(f"perturbed Fisher of {n!r} has shape {tuple(fp.shape)}, expected {tuple(f.shape)}")
+        e = w * (f - fp).abs() / (torch.minimum(f, fp) + (floor + eps * s))
+        dr[n], extra[n] = base + e, e
+    return dr, extra
+
+
+def variational_floor(tau: float, gamma: float) -> float:
+    """Prior precision in Fisher units, ``gamma / tau^2`` (0 when ``tau`` is infinite)."""
+    if tau <= 0 or gamma < 0:
+        raise ValueError(f"need variational_tau > 0 and variational_gamma >= 0, got {tau}, {gamma}")
+    return gamma / tau ** 2
+
+
+def posterior_std(fisher: Tensor, tau: float, gamma: float) -> Tensor:
+    """Std of the diagonal Gaussian posterior ``q = N(theta, s^2)`` that minimises
+    ``E_q[L] + gamma * KL(q || N(theta0, tau^2))`` under the local quadratic model of ``L`` with
+    curvature ``F``: ``1/s^2 = F/gamma + 1/tau^2`` (so ``s <= tau``)."""
+    if tau <= 0 or gamma <= 0:
+        raise ValueError(f"need variational_tau > 0 and variational_gamma > 0, got {tau}, {gamma}")
+    return (fisher.float() / gamma + 1.0 / tau ** 2).rsqrt().to(fisher.dtype)
+
+
+def normalize_importance(values: Mapping[str, Tensor], groups: Mapping[str, Sequence[str]],
+                         mode: str = "rank") -> dict[str, Tensor]:
+    """Importance in [0, 1] per entry, normalised within each group.
+
+    ``"rank"``: the fraction of the group's *other* entries with a strictly smaller value
+    (``#{v_j < v_i} / (n - 1)``): the largest entry gets 1, ties share the lower rank (an all-zero
+    block stays at the bottom), and a threshold ``delta`` keeps roughly the top ``1 - delta`` of the
+    group. ``"max"``: ``v / max(v)`` of the group."""
+    if mode not in ("rank", "max"):
+        raise ValueError(f"importance_normalization must be 'rank' or 'max', got {mode!r}")
+    out: dict[str, Tensor] = {}
+    for names in groups.values():
+        if not names:
+            continue
+        flat = torch.cat([values[n].detach().reshape(-1).float() for n in names])
+        n_all = flat.numel()
+        if mode == "max":
+            top = float(flat.max()) if n_all else 0.0
+            norm = flat / top if top > 0 else torch.zeros_like(flat)
+        elif n_all == 1:
+            norm = torch.ones_like(flat)
+        else:
+            srt = torch.sort(flat).values
+            norm = torch.searchsorted(srt, flat, right=False).float() / (n_all - 1)
+        start = 0
+        for n in names:
+            k = values[n].numel()
+            out[n] = norm[start:start + k].reshape(values[n].shape)
+            start += k
+    return out
+
+
+def masks_from_importance(importance: Mapping[str, Tensor], groups: Mapping[str, Sequence[str]],
+                          thresholds: Mapping[str, float], warn: bool = True) -> dict[str, Tensor]:
+    """``importance >= delta`` per group; a group where nothing is selected gives a warning naming it."""
+    masks: dict[str, Tensor] = {}
+    for g, names in groups.items():
+        d = float(thresholds[g])
+        any_sel = False
+        for n in names:
+            m = importance[n] >= d
+            masks[n] = m
+            any_sel = any_sel or bool(m.any())
+        if warn and names and not any_sel:
+            warnings.warn(f"FisherTune: threshold {d:.4f} selects no parameter in group {g!r}; the whole group is "
+                          f"frozen this epoch (lower {g}_delta_max/{g}_delta_min)", RuntimeWarning, stacklevel=2)
+    return masks
+
+
+def quantile_summary(tensors: Sequence[Tensor], prefix: str, max_elems: int = 1 << 20) -> dict[str, float]:
+    """Mean, max and quantiles (10/50/90/99 %) of the entries of ``tensors`` (a deterministic strided
+    subsample above ``max_elems`` entries)."""
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    mean = float(flat.double().mean())
+    top = float(flat.max())
+    if flat.numel() > max_elems:
+        flat = flat[:: math.ceil(flat.numel() / max_elems)]
+    srt = torch.sort(flat).values.cpu()
+    out = {f"{prefix}_mean": mean, f"{prefix}_max": top}
+    for q in (0.1, 0.5, 0.9, 0.99):
+        out[f"{prefix}_q{int(round(q * 100))}"] = float(srt[min(len(srt) - 1, int(q * (len(srt) - 1) + 0.5))])
+    return out
