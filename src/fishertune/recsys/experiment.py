@@ -36,6 +36,9 @@ class EvalConfig(StrictModel):
     batch_size: int = 1024
     n_negatives: int = 99
     negatives_seed: int = 0
+    negatives: Literal["sample", "dataset"] = Field(
+        "sample", description="sampled protocol: draw seeded negatives, or use the fixed ones the dataset "
+                              "ships (lastfm: seq/LastFM_sample.txt)")
 
     def metric_names(self) -> set[str]:
         """Names the evaluator reports (``ndcg@10``, ``mrr`` ...) under this config."""
@@ -116,11 +119,32 @@ def evaluate_model(model: Recommender, split: Split, stage: str, cfg: EvalConfig
         return evaluate_full(score_fn, inputs, target, ks=tuple(cfg.ks), metrics=tuple(cfg.metrics),
                              batch_size=cfg.batch_size, device=device, distributed=distributed,
                              return_per_user=return_per_user)
-    # negatives are drawn once per call from the seed, among items outside the user's input and target
-    return evaluate_sampled(score_fn, inputs, target, n_negatives=cfg.n_negatives,
-                            seed=cfg.negatives_seed, ks=tuple(k for k in cfg.ks if k <= cfg.n_negatives + 1),
+    # negatives are drawn once per call from the seed, among items outside the user's input and target,
+    # or read from the dataset's negatives file
+    negatives = dataset_negatives(split) if cfg.negatives == "dataset" else None
+    n_neg = negatives.shape[1] if negatives is not None else cfg.n_negatives
+    return evaluate_sampled(score_fn, inputs, target, n_negatives=cfg.n_negatives, negatives=negatives,
+                            seed=cfg.negatives_seed, ks=tuple(k for k in cfg.ks if k <= n_neg + 1),
                             batch_size=cfg.batch_size, device=device, distributed=distributed,
                             return_per_user=return_per_user)
+
+
+def dataset_negatives(split: Split) -> np.ndarray:
+    """The fixed negatives a dataset ships (``lastfm``), as an ``n_users x N`` index matrix for
+    ``split`` (read once, kept in ``split.meta``)."""
+    cached = split.meta.get("dataset_negatives")
+    if cached is not None:
+        return cached
+    from fishertune.recsys.data import negatives_matrix
+    from fishertune.recsys.data.registry import load_negatives
+
+    config = split.meta.get("config") or {}
+    if config.get("path") or not config.get("name"):
+        raise ConfigError("eval.negatives=dataset needs a registered dataset that ships negatives (lastfm), "
+                          "loaded by name")
+    neg = negatives_matrix(load_negatives(config["name"]), split.user_ids, split.item_ids)
+    split.meta["dataset_negatives"] = neg
+    return neg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +301,7 @@ def summarise(rows: list[dict[str, Any]], monitor: str) -> dict[str, Any]:
 
 def summary_columns(summary: dict[str, Any], ks: list[int]) -> list[str]:
     first = next(iter(summary["models"].values()))
-    preferred = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks] + ["mrr"]
+    preferred = [f"{m}@{k}" for m in ("recall", "hr", "ndcg") for k in ks] + ["mrr"]
     return [c for c in preferred if c in first["test_mean"]]
 
 

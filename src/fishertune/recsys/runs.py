@@ -41,6 +41,9 @@ def load_run(run_dir: str | Path) -> Run:
     state = load_checkpoint(run_dir / "checkpoint.pt", data_hash=data_hash)
     model = build_model(cfg.model, n_users=split.n_users, n_items=split.n_items)
     model.load_state_dict(state["model"])
+    prepare = getattr(model, "prepare", None)
+    if callable(prepare):  # sequential models take their sequences from the split
+        prepare(split)
     model.eval()
     return Run(run_dir, cfg, split, data_hash, model)
 

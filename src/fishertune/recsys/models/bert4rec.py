@@ -55,12 +55,21 @@ class BERT4Rec(SequentialRecommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode(self, seqs: Tensor) -> Tensor:
-        """``B x L x d`` hidden states of left-padded ``seqs``; every non-pad position sees all others."""
+    def encode(self, seqs: Tensor, attention: list[Tensor] | None = None) -> Tensor:
+        """``B x L x d`` hidden states of left-padded ``seqs``; every non-pad position sees all others.
+        ``attention``: a list that receives each layer's ``B x heads x L x L`` attention weights (for
+        visualisation: the layers then run one by one, each attention computed twice)."""
         L = seqs.shape[1]
         x = self.item_emb(seqs) + self.pos_emb(torch.arange(L, device=seqs.device) + (self.cfg.max_len - L))
         x = self.emb_dropout(self.emb_ln(x))
-        return self.encoder(x, src_key_padding_mask=seqs == 0)
+        pad = seqs == 0
+        if attention is None:
+            return self.encoder(x, src_key_padding_mask=pad)
+        for layer in self.encoder.layers:  # post-norm layers: self_attn sees the layer's input
+            attention.append(layer.self_attn(x, x, x, key_padding_mask=pad, need_weights=True,
+                                             average_attn_weights=False)[1])
+            x = layer(x, src_key_padding_mask=pad)
+        return x
 
     def logits(self, h: Tensor) -> Tensor:
         return self.head(h) @ self.item_emb.weight[1:self.n_items + 1].T + self.out_bias
@@ -81,7 +90,10 @@ class BERT4Rec(SequentialRecommender):
         loss = nn.functional.cross_entropy(self.logits(h).float(), labels[keep], reduction="sum")
         return {"loss": loss / keep.sum().clamp(min=1)}
 
-    def score(self, users: Tensor, history: Tensor) -> Tensor:
+    def scoring_input(self, users: Tensor, history: Tensor) -> Tensor:
+        """The ``B x max_len`` sequences :meth:`score` encodes: the last ``max_len - 1`` items and ``[MASK]``."""
         seqs = self.history_sequences(users, history, self.cfg.max_len - 1)
-        seqs = torch.cat([seqs, torch.full_like(seqs[:, :1], self.mask_token)], dim=1)
-        return self.logits(self.encode(seqs)[:, -1])
+        return torch.cat([seqs, torch.full_like(seqs[:, :1], self.mask_token)], dim=1)
+
+    def score(self, users: Tensor, history: Tensor) -> Tensor:
+        return self.logits(self.encode(self.scoring_input(users, history))[:, -1])

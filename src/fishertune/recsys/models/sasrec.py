@@ -125,9 +125,10 @@ class SASRec(SequentialRecommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode(self, seqs: Tensor) -> Tensor:
+    def encode(self, seqs: Tensor, attention: list[Tensor] | None = None) -> Tensor:
         """``B x L x d`` hidden states of left-padded ``seqs`` (``B x L``, item + 1); position ``t`` sees
-        positions ``<= t`` only."""
+        positions ``<= t`` only. ``attention``: a list that receives each layer's ``B x heads x L x L``
+        attention weights (for visualisation; slower)."""
         L = seqs.shape[1]
         pad = (seqs == 0).unsqueeze(-1)
         x = self.item_emb(seqs) * math.sqrt(self.cfg.hidden_size)
@@ -136,7 +137,10 @@ class SASRec(SequentialRecommender):
         causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=seqs.device), diagonal=1)
         for ln_q, attn, ln_f, ffn in zip(self.attn_ln, self.attn, self.ffn_ln, self.ffn):
             q = ln_q(x)
-            out, _ = attn(q, x, x, attn_mask=causal, need_weights=False)
+            out, weights = attn(q, x, x, attn_mask=causal, need_weights=attention is not None,
+                                average_attn_weights=False)
+            if attention is not None:
+                attention.append(weights)
             x = ffn(ln_f(q + out)).masked_fill(pad, 0.0)
         return self.last_ln(x)
 
@@ -162,7 +166,10 @@ class SASRec(SequentialRecommender):
             loss = (nn.functional.softplus(-pos_logit) + nn.functional.softplus(neg_logit)).sum() / n
         return {"loss": loss}
 
+    def scoring_input(self, users: Tensor, history: Tensor) -> Tensor:
+        """The ``B x max_len`` sequences :meth:`score` encodes (its last position ranks the items)."""
+        return self.history_sequences(users, history, self.cfg.max_len)
+
     def score(self, users: Tensor, history: Tensor) -> Tensor:
-        seqs = self.history_sequences(users, history, self.cfg.max_len)
-        h = self.encode(seqs)[:, -1]
+        h = self.encode(self.scoring_input(users, history))[:, -1]
         return h @ self.item_weights().T
