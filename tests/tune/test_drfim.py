@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fishertune.tune.drfim import (dr_fim, group_scales, masks_from_importance, normalize_importance, posterior_std,
-                                   quantile_summary, variational_floor)
+                                   quantile_summary, strict_ranks, variational_floor)
 
 
 def test_unperturbed_copy_has_zero_extra_term():
@@ -95,3 +97,47 @@ def test_quantile_summary_and_zero_group_scale():
     s = quantile_summary([torch.arange(101.0)], "f")
     assert s["f_mean"] == 50 and s["f_max"] == 100 and s["f_q50"] == 50 and s["f_q90"] == 90
     assert group_scales({"a": torch.zeros(3)}, {"shared": ["a"]}) == {"a": 1.0}
+
+
+# ------------------------------------------------------------------ fast paths equal the old ones
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, 1e-30, 7.0, float("inf"), -3.0]), min_size=1, max_size=40))
+def test_strict_ranks_equal_searchsorted_with_ties(values):
+    x = torch.tensor(values)
+    want = torch.searchsorted(torch.sort(x).values, x, right=False)   # the previous implementation
+    assert torch.equal(strict_ranks(x), want)
+
+
+def test_strict_ranks_large_random_with_ties_and_brute_force():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 500, (20_000,), generator=g).float() ** 2 / 7
+    x[::11] = 0.0
+    want = torch.searchsorted(torch.sort(x).values, x, right=False)
+    assert torch.equal(strict_ranks(x), want)
+    small = x[:300]
+    brute = (small[None, :] < small[:, None]).sum(1)                   # #{j: v_j < v_i}
+    assert torch.equal(strict_ranks(small), brute)
+
+
+def test_rank_normalisation_equals_the_searchsorted_formula():
+    torch.manual_seed(1)
+    vals = {"a": (torch.rand(30, 7) * 4).floor(), "b": torch.zeros(5), "c": torch.rand(9)}
+    groups = {"shared": ["a", "b"], "specific": ["c"]}
+    got = normalize_importance(vals, groups, "rank")
+    for names in groups.values():
+        flat = torch.cat([vals[n].reshape(-1) for n in names])
+        old = torch.searchsorted(torch.sort(flat).values, flat, right=False).float() / (flat.numel() - 1)
+        assert torch.equal(torch.cat([got[n].reshape(-1) for n in names]), old)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1000, 3001])
+def test_quantile_summary_equals_full_sort(n):
+    g = torch.Generator().manual_seed(n)
+    ts = [torch.rand(n, generator=g) ** 3, (torch.rand(7, generator=g) * 3).floor()]
+    got = quantile_summary(ts, "f", max_elems=2000)
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    if flat.numel() > 2000:
+        flat = flat[:: math.ceil(flat.numel() / 2000)]
+    srt = torch.sort(flat).values                                         # the previous implementation
+    for q in (0.1, 0.5, 0.9, 0.99):
+        assert got[f"f_q{int(round(q * 100))}"] == float(srt[min(len(srt) - 1, int(q * (len(srt) - 1) + 0.5))])

@@ -14,6 +14,8 @@ from torch import nn
 from fishertune.config import ConfigError, validate
 from fishertune.tune import (FisherTuneConfig, FisherTuner, Perturbation, batch_gradient_fisher, delta_at,
                              engine_fisher, resolve_groups)
+from fishertune.fisher import DiagonalNaturalGradient
+from fishertune.tune import EWCGradient, OnlineFisher, ewc_penalty
 from fishertune.tune.perturb import FeatureShift
 
 GROUPS = {"shared": ["emb.*", "enc.*"], "specific": ["heads.*"]}
@@ -52,9 +54,11 @@ def loss_fn(model, batch):
     return nn.functional.cross_entropy(model(idx, dom), y)
 
 
-def make(cfg_kw=None, seed=0, perturbation=None, fisher="engine", log=None, total_epochs=8):
+def make(cfg_kw=None, seed=0, perturbation=None, fisher="engine", log=None, total_epochs=8, dtype=None):
     torch.manual_seed(seed)
     model = TwoDomain()
+    if dtype is not None:
+        model = model.to(dtype)
     cfg = FisherTuneConfig(**{"fishertune_warmup": 2, "fim_update_freq": 2, "shared_lr": 0.05, "specific_lr": 0.1,
                               "shared_weight_decay": 0.01, "specific_weight_decay": 0.001, **(cfg_kw or {})})
     data = make_data()
@@ -64,7 +68,7 @@ def make(cfg_kw=None, seed=0, perturbation=None, fisher="engine", log=None, tota
     return model, tuner, data
 
 
-def train(model, tuner, opt, data, epochs, start=0, check_frozen=False):
+def train(model, tuner, opt, data, epochs, start=0, check_frozen=False, differentiable=False, losses=None):
     rows = []
     for epoch in range(start, start + epochs):
         tuner.on_epoch_start(epoch)
@@ -74,7 +78,10 @@ def train(model, tuner, opt, data, epochs, start=0, check_frozen=False):
         shuffled = tuple(t[order] for t in data)
         for b in batches(shuffled, 16):
             opt.zero_grad()
-            (loss_fn(model, b) + tuner.penalty()).backward()
+            loss = loss_fn(model, b) + tuner.penalty(differentiable=differentiable)
+            if losses is not None:
+                losses.append(float(loss.detach()))
+            loss.backward()
             tuner.before_step(batch_size=16)
             opt.step()
             tuner.after_step()
@@ -359,3 +366,150 @@ def test_state_dict_round_trip_resumes_identically(name, tmp_path):
         assert torch.equal(p, q), n
     assert [r["ratio"] for r in rest] == [r["ratio"] for r in full[4:]]
     assert [r["threshold"] for r in rest] == [r["threshold"] for r in full[4:]]
+
+
+# ------------------------------------------------------------------------------- fast paths equal old ones
+def _ewc_setup(dtype=torch.float32):
+    torch.manual_seed(3)
+    model = TwoDomain().to(dtype)
+    params = dict(model.named_parameters())
+    fisher = {n: torch.rand(p.shape, dtype=dtype) ** 2 for n, p in params.items()}
+    anchor = {n: (p.detach() + 0.3 * torch.randn_like(p)) for n, p in params.items()}
+    return model, params, fisher, anchor
+
+
+@pytest.mark.parametrize("cpu_buffers", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ewc_gradient_equals_autograd_of_the_penalty(dtype, cpu_buffers):
+    model, params, fisher, anchor = _ewc_setup(dtype)
+    b = batches(make_data(), 16)[0]
+    # old path: the penalty through autograd
+    model.zero_grad(set_to_none=True)
+    (loss_fn(model, b) + ewc_penalty(params, fisher, anchor, 2.5)).backward()
+    want = {n: p.grad.clone() for n, p in params.items()}
+    want_value = float(ewc_penalty(params, fisher, anchor, 2.5).detach())
+    # new path: loss only, then the foreach gradient; value first (its terms are reused by add_to_grads)
+    ewc = EWCGradient(params, fisher, anchor, 2.5)
+    if not cpu_buffers:
+        ewc._buffers = None                # the GPU path: foreach ops into fresh tensors
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, b).backward()
+    value = ewc.value()
+    assert not value.requires_grad and value.dtype == dtype
+    assert float(value) == pytest.approx(want_value, rel=1e-6)
+    ewc.add_to_grads()
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, want[n], **tol)
+    # without value() first: the same gradient
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, b).backward()
+    ewc.add_to_grads()
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, want[n], **tol)
+
+
+def test_ewc_gradient_missing_and_sparse_grads_and_stale_cache():
+    model, params, fisher, anchor = _ewc_setup()
+    model.emb = nn.Embedding(20, 6, sparse=True)
+    with torch.no_grad():
+        model.emb.weight.copy_(params["emb.weight"])
+    params = dict(model.named_parameters())
+    b = batches(make_data(), 16)[0]
+
+    def only_head0(m, batch):              # heads.1 gets no gradient at all (grad None)
+        (idx, dom), y = batch
+        return nn.functional.cross_entropy(m.heads[0](torch.tanh(m.enc(m.emb(idx)))), y)
+
+    model.zero_grad(set_to_none=True)
+    (only_head0(model, b) + ewc_penalty(params, fisher, anchor, 1.5)).backward()
+    want = {n: p.grad.to_dense().clone() for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    only_head0(model, b).backward()
+    assert params["emb.weight"].grad.is_sparse and params["heads.1.weight"].grad is None
+    ewc = EWCGradient(params, fisher, anchor, 1.5)
+    ewc.add_to_grads()
+    for n, p in params.items():
+        assert not p.grad.is_sparse
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-6, atol=1e-7)
+    # value() terms are dropped when a parameter changes in place; a gradient made from them is a copy
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    v0 = float(ewc.value())
+    with torch.no_grad():
+        params["enc.bias"].add_(1.0)
+        params["heads.1.weight"].add_(1.0)
+    assert float(ewc.value()) == pytest.approx(float(ewc_penalty(params, fisher, anchor, 1.5).detach()), rel=1e-6)
+    assert float(ewc.value()) != v0
+    for n, p in params.items():
+        assert torch.equal(p.grad, grads[n]), n
+
+
+ALL_FEATURES = {"perturbation_type": "feature_shift", "perturbation_modules": ["enc"], "use_variational": True,
+                "use_adaptive_vi": True, "variational_tau": 0.05, "use_natural_gradient": True,
+                "use_fisher_regularization": True, "fisher_reg_strength": 2.0, "use_adaptive_scheduler": True}
+
+
+@pytest.mark.parametrize("opt_name,extra", [("adam", {}), ("sgd", {"fim_method": "online"})])
+def test_tuner_foreach_ewc_equals_the_autograd_penalty_path(opt_name, extra):
+    """all features on: the tuner's foreach EWC gradient (default) trains the same model as the old path
+    (penalty back-propagated through autograd), in float64 so that rounding cannot flip a mask."""
+    runs = []
+    for differentiable in (True, False):
+        model, tuner, data = make({**ALL_FEATURES, **extra}, dtype=torch.float64)
+        opt = tuner.make_optimizer(opt_name)
+        losses = []
+        rows = train(model, tuner, opt, data, 6, differentiable=differentiable, losses=losses)
+        runs.append((model, rows, losses))
+    (m_old, rows_old, l_old), (m_new, rows_new, l_new) = runs
+    assert [r["ratio"] for r in rows_new] == [r["ratio"] for r in rows_old]
+    torch.testing.assert_close(torch.tensor(l_new), torch.tensor(l_old), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert l_new[-1] != pytest.approx(float(loss_fn(m_new, batches(make_data(), 16)[0])))  # penalty in the loss
+    for (n, p), (_, q) in zip(m_new.named_parameters(), m_old.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_fused_diagonal_natural_gradient_is_bit_identical():
+    model, tuner, data = make({"use_natural_gradient": True, "perturbation_type": "noise",
+                               "perturbation_modules": ["enc"]})
+    opt = tuner.make_optimizer("sgd")
+    train(model, tuner, opt, data, 3)
+    assert tuner.dng is not None
+    ref = DiagonalNaturalGradient(model, torch.optim.SGD(model.parameters(), lr=0.0), tuner.fisher,
+                                  damping=tuner.config.fisher_damping)
+    for b in batches(make_data(seed=5), 16)[:2]:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, b).backward()
+        model.heads[1].bias.grad = None                  # a parameter without gradient is skipped by both
+        saved = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        tuner._precondition()
+        got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = None if saved[n] is None else saved[n].clone()
+        ref.step()                                       # the previous per-parameter implementation
+        for n, p in model.named_parameters():
+            assert (got[n] is None) == (p.grad is None), n
+            if p.grad is not None:
+                assert torch.equal(got[n], p.grad), n
+                assert not torch.equal(got[n], saved[n]), n
+
+
+def test_online_fisher_foreach_update_is_bit_identical():
+    torch.manual_seed(4)
+    model = TwoDomain()
+    params = dict(model.named_parameters())
+    online = OnlineFisher(params, 0.9)
+    ref = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i, b in enumerate(batches(make_data(), 16)[:4]):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, b).backward()
+        if i == 2:
+            model.heads[0].weight.grad = None            # the per-parameter fallback path
+        online.update(16.0)
+        for n, p in params.items():                      # the previous implementation
+            if p.grad is None:
+                ref[n].mul_(0.9)
+            else:
+                ref[n].mul_(0.9).addcmul_(p.grad, p.grad, value=(1 - 0.9) * 16.0)
+    for n in params:
+        assert torch.equal(online.m[n], ref[n]), n

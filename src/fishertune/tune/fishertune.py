@@ -19,6 +19,13 @@ A training loop drives it (see docs/tune.md)::
             opt.zero_grad(); (loss(batch) + tuner.penalty()).backward()
             tuner.before_step(); opt.step(); tuner.after_step()
         tuner.on_epoch_end(epoch, {"valid_loss": v})
+
+``penalty()`` is the EWC term's value, without a graph: ``before_step`` adds its gradient
+``strength * F * (theta - theta*)`` itself with ``torch._foreach_*`` ops (the same gradient as
+back-propagating the penalty, far cheaper), so adding the value to the loss only makes the logged loss
+include it. ``penalty(differentiable=True)`` is the autograd version for a caller who back-propagates
+it; ``before_step`` then adds nothing for that step. Per-step work uses foreach ops (EWC, diagonal
+natural gradient, online Fisher) and never reads a value back from the device.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from fishertune.tune.drfim import (dr_fim, group_scales, masks_from_importance, 
                                    quantile_summary, variational_floor)
 from fishertune.tune.masking import ParameterMask
 from fishertune.tune.perturb import Combined, FeatureShift, NoiseInjection, Perturbation
-from fishertune.tune.regularize import OnlineFisher, ewc_penalty
+from fishertune.tune.regularize import EWCGradient, OnlineFisher, ewc_penalty
 from fishertune.tune.schedule import AdaptiveOffset, delta_at
 
 __all__ = ["FisherTuneConfig", "FisherFn", "engine_fisher", "batch_gradient_fisher", "FisherTuner",
@@ -331,6 +338,10 @@ class FisherTuner:
         self._updated_this_epoch = False
         self._warned: set[str] = set()
         self.history: list[dict[str, Any]] = []
+        # per-step caches, rebuilt when what they derive from changes (see _ewc_term / _precondition)
+        self._ewc: tuple[tuple, EWCGradient] | None = None
+        self._ewc_in_graph = False
+        self._dng_cache: tuple[tuple, list[Tensor], list[Tensor]] | None = None
 
     # ------------------------------------------------------------------ optimizer
     def make_optimizer(self, name: str = "adam", **kw: Any) -> torch.optim.Optimizer:
@@ -588,28 +599,81 @@ class FisherTuner:
                      f"{time.perf_counter() - start:.2f}s)")
 
     # ------------------------------------------------------------------ steps
-    def penalty(self) -> Tensor:
-        """EWC term ``strength/2 * sum F (theta - theta*)^2`` towards the warm-up weights (0 when off)."""
+    def _ewc_on(self) -> bool:
         cfg = self.config
-        if not (self.enabled and cfg.use_fisher_regularization and self.anchor is not None
-                and self.anchor_fisher is not None and cfg.fisher_reg_strength > 0):
+        return (self.enabled and cfg.use_fisher_regularization and self.anchor is not None
+                and self.anchor_fisher is not None and cfg.fisher_reg_strength > 0)
+
+    def _ewc_term(self) -> EWCGradient:
+        """The EWC gradient helper, rebuilt when the anchor, its Fisher or the strength change."""
+        assert self.anchor is not None and self.anchor_fisher is not None
+        key = (self.anchor, self.anchor_fisher, float(self.config.fisher_reg_strength))
+        # identity of the mappings (kept alive by the key, so an id is never reused), value of the strength
+        if self._ewc is None or any(a is not b for a, b in zip(self._ewc[0][:2], key[:2])) \
+                or self._ewc[0][2] != key[2]:
+            self._ewc = (key, EWCGradient(self.params, self.anchor_fisher, self.anchor,
+                                          self.config.fisher_reg_strength))
+        return self._ewc[1]
+
+    def penalty(self, differentiable: bool = False) -> Tensor:
+        """EWC term ``strength/2 * sum F (theta - theta*)^2`` towards the warm-up weights (0 when off).
+
+        By default its value only, without a graph: :meth:`before_step` adds the penalty's gradient to
+        ``.grad`` itself (foreach ops; computed here already, reused there), so ``loss + penalty()``
+        logs the full objective and back-propagates only the loss. ``differentiable=True`` returns the
+        autograd version (as :func:`~fishertune.tune.regularize.ewc_penalty`) for a caller who
+        back-propagates it; the next :meth:`before_step` then leaves the EWC gradient to autograd."""
+        if not self._ewc_on():
             some = next(iter(self.params.values()))
             return torch.zeros((), dtype=some.dtype, device=some.device)
-        return ewc_penalty(self.params, self.anchor_fisher, self.anchor, cfg.fisher_reg_strength)
+        assert self.anchor is not None and self.anchor_fisher is not None
+        if differentiable:
+            self._ewc_in_graph = True
+            return ewc_penalty(self.params, self.anchor_fisher, self.anchor, self.config.fisher_reg_strength)
+        return self._ewc_term().value()
+
+    def _precondition(self) -> None:
+        """Diagonal natural gradient, ``grad /= F + damping``, as ``DiagonalNaturalGradient.step`` but
+        with the denominators computed once per Fisher update and one foreach division (bit-identical)."""
+        dng = self.dng
+        assert dng is not None
+        key = (dng.fisher, float(dng.damping))
+        if self._dng_cache is None or self._dng_cache[0][0] is not key[0] or self._dng_cache[0][1] != key[1]:
+            ps = [dng.params[n] for n in dng.fisher]
+            denoms = [(f + dng.damping).to(p.dtype) for f, p in zip(dng.fisher.values(), ps)]
+            self._dng_cache = (key, ps, denoms)
+        _, ps, denoms = self._dng_cache
+        grads, dens = [], []
+        for p, d in zip(ps, denoms):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:          # what DiagonalNaturalGradient.step does with it
+                g.div_(d)
+                continue
+            grads.append(g)
+            dens.append(d)
+        if grads:
+            with torch.no_grad():
+                torch._foreach_div_(grads, dens)
 
     def before_step(self, batch_size: int | None = None) -> None:
-        """After backward, before ``optimizer.step()``: online Fisher update (``batch_size`` scales the
-        squared mean gradient to the per-sample Fisher), natural-gradient preconditioning, gradient
-        masking and the snapshot of frozen entries."""
+        """After backward, before ``optimizer.step()``, in this order: the EWC gradient (unless
+        ``penalty(differentiable=True)`` put it in the graph this step), online Fisher update
+        (``batch_size`` scales the squared mean gradient to the per-sample Fisher), natural-gradient
+        preconditioning, gradient masking and the snapshot of frozen entries."""
         if not self.enabled:
             return
+        in_graph, self._ewc_in_graph = self._ewc_in_graph, False
+        if not in_graph and self._ewc_on():
+            self._ewc_term().add_to_grads()
         if self.online is not None:
             self.online.update(float(batch_size) if batch_size else 1.0)
         if self.config.use_natural_gradient:
             if self.kfac is not None:
                 self.kfac.step()
             if self.dng is not None:
-                self.dng.step()
+                self._precondition()
         self.mask.apply_to_grads()
         self.mask.snapshot()
 
