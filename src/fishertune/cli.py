@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("clean", help="remove the processed-data cache")
     p.set_defaults(func=cmd_data_clean)
 
-    for module in ("fishertune.fisher.cli",):
+    for module in ("fishertune.fisher.cli", "fishertune.recsys.viz.cli", "fishertune.recsys.cdr.report_cli",
+                   "fishertune.tune.cli", "fishertune.layers.cli", "fishertune.recsys.cdr.cli"):
         _register_optional(module, sub)
     return parser
 
