@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -107,28 +106,17 @@ def cnn() -> nn.Sequential:
 
 
 def _ml1m_rows(n_rows: int, n_items: int) -> Tensor | None:
-    """Binary user x item rows of real ML-1M (FISHERTUNE_DATA/ml-1m/ratings.dat[.gz]), or None."""
+    """Binary user x item rows of real ML-1M (every rating counts; through the data layer), the first
+    ``n_rows`` users, repeated when more rows are asked than ML-1M has; None without the data."""
     root = os.environ.get("FISHERTUNE_DATA")
-    if not root:
+    if not root or not any((Path(root) / "ml-1m" / n).is_file() for n in ("ratings.dat.gz", "ratings.dat")):
         return None
-    for name in ("ratings.dat.gz", "ratings.dat"):
-        path = Path(root) / "ml-1m" / name
-        if path.is_file():
-            break
-    else:
-        return None
-    import pandas as pd
+    from common import ml1m_binary
 
-    raw = pd.read_csv(path, sep=":", header=None, usecols=[0, 2], names=["u", "i"], engine="c")
-    users = raw["u"].to_numpy()
-    items = np.unique(raw["i"].to_numpy(), return_inverse=True)[1]
-    if items.max() + 1 != n_items:
+    mat = ml1m_binary(min_rating=0)
+    if mat.shape[1] != n_items:
         return None
-    uniq_users = np.unique(users)[:n_rows]
-    keep = np.isin(users, uniq_users)
-    rows = np.searchsorted(uniq_users, users[keep])
-    x = torch.zeros(len(uniq_users), n_items)
-    x[torch.from_numpy(rows), torch.from_numpy(items[keep])] = 1.0
+    x = torch.from_numpy(mat[:n_rows].toarray())
     if len(x) < n_rows:  # GPU batches ask for more rows than ML-1M's 6,040 users: repeat them
         x = x.repeat(-(-n_rows // len(x)), 1)[:n_rows]
     return x

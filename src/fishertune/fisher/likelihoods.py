@@ -184,11 +184,7 @@ class Bernoulli(Likelihood):
                              f"{tuple(target.shape)} must have the same shape")
         x = _acc(output)
         losses = F.binary_cross_entropy_with_logits(x, target.to(x.dtype), reduction="none")
-        if token_level:
-            _check_token_output(self.name, output, 2)
-            per = losses.reshape(output.shape[0], output.shape[1], -1).sum(-1)
-            return per, per.numel()
-        return losses.reshape(output.shape[0], -1).sum(1), output.shape[0]
+        return _elementwise_nll(self.name, losses, output, token_level)
 
     def sample(self, output, target, temperature=1.0, generator=None):
         return torch.bernoulli(torch.sigmoid(_acc(output.detach()) / temperature), generator=generator)
@@ -222,11 +218,7 @@ class Gaussian(Likelihood):
                              f"{tuple(target.shape)} must have the same shape")
         x = _acc(output)
         losses = 0.5 * (x - target.to(x.dtype)) ** 2 / self.sigma ** 2
-        if token_level:
-            _check_token_output(self.name, output, 2)
-            per = losses.reshape(output.shape[0], output.shape[1], -1).sum(-1)
-            return per, per.numel()
-        return losses.reshape(output.shape[0], -1).sum(1), output.shape[0]
+        return _elementwise_nll(self.name, losses, output, token_level)
 
     def sample(self, output, target, temperature=1.0, generator=None):
         mu = _acc(output.detach())
@@ -240,6 +232,15 @@ class Gaussian(Likelihood):
         # E[(y - mu)(y - mu)^T] / sigma^4 with Var y = T sigma^2  ->  T / sigma^2 on the diagonal
         scale = torch.full_like(_acc(output.detach()), math.sqrt(temperature) / self.sigma)
         yield from _unit_columns(scale, token_level)
+
+
+def _elementwise_nll(name: str, losses: Tensor, output: Tensor, token_level: bool) -> tuple[Tensor, int]:
+    """Sum element-wise losses per sample ``[B]`` (per token ``[B, T]`` in token-level mode)."""
+    if token_level:
+        _check_token_output(name, output, 2)
+        per = losses.reshape(output.shape[0], output.shape[1], -1).sum(-1)
+        return per, per.numel()
+    return losses.reshape(output.shape[0], -1).sum(1), output.shape[0]
 
 
 def _unit_columns(scale: Tensor, token_level: bool) -> Iterator[Tensor]:

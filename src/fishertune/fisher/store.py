@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from fishertune.utils.io import atomic_write
+from fishertune.utils.io import atomic_write, json_default
 
 FORMAT = "fishertune.fisher.store/1"
 SEP = "::"
@@ -237,7 +237,7 @@ class FisherStore:
         header = {"format": FORMAT, "storage": self.storage, "signature": self.signature,
                   "tasks": {task: {"meta": t.meta, "decay": t.decay, "steps": t.steps, "scales": t.scales,
                                    "names": list(t.values)} for task, t in self._tasks.items()}}
-        metadata = {"fishertune": json.dumps(header, default=_json_default)}
+        metadata = {"fishertune": json.dumps(header, default=json_default)}
         return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
     @classmethod
@@ -271,13 +271,3 @@ class FisherStore:
         if model is not None:
             store.check(model, source=str(path))
         return store
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -24,7 +24,7 @@ from fishertune.recsys.data.types import Split
 from fishertune.recsys.evaluate import evaluate_full, evaluate_sampled
 from fishertune.recsys.models import ModelConfig, Recommender, build_model
 from fishertune.recsys.train import TrainConfig, is_main_process, resolve_device, train
-from fishertune.utils.io import atomic_write_json, atomic_write_text, file_lock
+from fishertune.utils.io import append_jsonl, atomic_write_json, atomic_write_text, file_lock
 
 
 class EvalConfig(StrictModel):
@@ -265,8 +265,7 @@ def run_comparison(cfg: CompareConfig, out_dir: str | Path, monitor: str | None 
         rows.append(row)
         if not finished:
             with file_lock(results_path):
-                with open(results_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row, default=float) + "\n")
+                append_jsonl(results_path, row, default=float)
     summary = summarise(rows, monitor)
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.md", summary_markdown(summary, cfg.eval.ks))

@@ -55,10 +55,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for what results and metadata hold: NumPy scalars and arrays,
+    tensors, sets / tuples and paths."""
     import numpy as np
 
     if isinstance(obj, np.generic):
@@ -67,7 +69,25 @@ def _json_default(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def append_jsonl(path: str | os.PathLike, row: Any, default: Callable[[Any], Any] = json_default) -> None:
+    """Append ``row`` as one JSON line in a single write, synced to disk. Callers that share the file
+    between processes hold :func:`file_lock` around it (a reader sees whole lines or a torn last one)."""
+    line = json.dumps(row, default=default) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

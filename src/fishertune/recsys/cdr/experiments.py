@@ -28,7 +28,7 @@ from typing import Any
 from fishertune.config import ConfigError
 from fishertune.recsys.cdr.config import CDRConfig, load_cdr_config
 from fishertune.tune import load_presets
-from fishertune.utils.io import file_lock
+from fishertune.utils.io import append_jsonl, file_lock
 
 __all__ = [
     "DEFAULT_QUICK_CONFIG",
@@ -122,27 +122,11 @@ def append_row(path: str | Path, row: dict[str, Any]) -> bool:
     """Append ``row`` unless a row with its key is there; one write under a lock. Returns whether written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(row, sort_keys=False, default=_default) + "\n"
     with file_lock(path):
         if any(row_key(r) == row_key(row) for r in read_results(path)):
             return False
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_jsonl(path, row)
     return True
-
-
-def _default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _finite(obj: Any) -> Any:

@@ -14,20 +14,15 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from fishertune.config import StrictModel
 from fishertune.recsys.models.base import register_model
-from fishertune.recsys.models.sasrec import SequentialRecommender
+from fishertune.recsys.models.sasrec import SequentialConfig, SequentialRecommender
 
 __all__ = ["BERT4Rec", "BERT4RecConfig"]
 
 
-class BERT4RecConfig(StrictModel):
+class BERT4RecConfig(SequentialConfig):
     name: Literal["bert4rec"] = "bert4rec"
-    hidden_size: int = Field(64, ge=1)
-    num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)
-    max_len: int = Field(50, ge=2)
-    dropout: float = Field(0.2, ge=0, lt=1)
     mask_prob: float = Field(0.2, gt=0, lt=1)
 
 

@@ -36,6 +36,17 @@ from fishertune.recsys.sequences import (
 __all__ = ["SASRec", "SASRecConfig", "SequentialRecommender"]
 
 
+class SequentialConfig(StrictModel):
+    """The settings every sequence model has (each model names itself and adds its own)."""
+
+    name: str
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(1, ge=1)
+    max_len: int = Field(50, ge=2)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
 class SequentialRecommender(Recommender):
     """Base of sequence models: holds padded sequences as non-persistent buffers (re-made by
     :meth:`prepare`, so the state dict is data-independent)."""
@@ -43,12 +54,12 @@ class SequentialRecommender(Recommender):
     iterative: ClassVar[bool] = True
     train_len: int  # columns of the training-sequence buffer
 
-    def __init__(self, cfg: StrictModel, n_users: int, n_items: int) -> None:
+    def __init__(self, cfg: SequentialConfig, n_users: int, n_items: int) -> None:
         super().__init__(cfg, n_users, n_items)
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"{cfg.name}: hidden_size {cfg.hidden_size} is not divisible by num_heads "
                              f"{cfg.num_heads}")
-        self.max_len = int(cfg.max_len)  # type: ignore[attr-defined]
+        self.max_len = cfg.max_len
         self.register_buffer("train_seqs", torch.zeros(n_users, 1, dtype=torch.long), persistent=False)
         self.register_buffer("all_seqs", torch.zeros(n_users, 1, dtype=torch.long), persistent=False)
         self.prepared = False
@@ -82,13 +93,8 @@ class SequentialRecommender(Recommender):
         return compact_by_history(self.all_seqs[users], history, length)
 
 
-class SASRecConfig(StrictModel):
+class SASRecConfig(SequentialConfig):
     name: Literal["sasrec"] = "sasrec"
-    hidden_size: int = Field(64, ge=1)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(1, ge=1)
-    max_len: int = Field(50, ge=2)
-    dropout: float = Field(0.2, ge=0, lt=1)
     loss: Literal["bce", "ce"] = "bce"
 
 
