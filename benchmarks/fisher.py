@@ -226,7 +226,8 @@ def _peak_cpu(fn):
     return out, peak[0] - base
 
 
-def worker(model: str, method: str, device: str, quick: bool, repeats: int, ref_path: str | None) -> dict:
+def worker(model: str, method: str, device: str, quick: bool, repeats: int, ref_path: str | None,
+           batch: int | None = None) -> dict:
     """Time ``method`` over all batches (the naive loop over the first batch only) and compare its result
     on the first batch with the naive loop's."""
     import dataclasses
@@ -234,7 +235,7 @@ def worker(model: str, method: str, device: str, quick: bool, repeats: int, ref_
     from fisher_models import build
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    case = build(model, quick, device)
+    case = build(model, quick, device, batch)
     first = dataclasses.replace(case, batches=case.batches[:1])
     timed = first if method == "naive" else case
     n = sum(y.shape[0] for _, y in timed.batches)
@@ -299,12 +300,13 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, help="samples per batch (default: per model and device)")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("ROW " + json.dumps(worker(*args.worker, args.device, args.quick, args.repeats, args.ref)))
+        print("ROW " + json.dumps(worker(*args.worker, args.device, args.quick, args.repeats, args.ref, args.batch)))
         return 0
     rows = []
     methods = args.methods.split(",")
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
             ref = os.path.join(tmp, f"{model}.pt")
             for method in methods:
                 cmd = [sys.executable, __file__, "--worker", model, method, "--device", args.device,
-                       "--repeats", str(args.repeats), "--ref", ref] + (["--quick"] if args.quick else [])
+                       "--repeats", str(args.repeats), "--ref", ref] + (["--quick"] if args.quick else []) \
+                    + (["--batch", str(args.batch)] if args.batch else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FISHERTUNE_PROGRESS": "0"})
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 if not line:
@@ -353,7 +356,7 @@ def _table(rows, args) -> None:
     if dev.startswith("cuda") and torch.cuda.is_available():
         dev = f"{dev} ({torch.cuda.get_device_name()})"
     t = Table(title=f"diagonal empirical Fisher, {dev}, torch {torch.__version__}"
-                    f"{' --quick' if args.quick else ''}")
+                    f"{' --quick' if args.quick else ''}{f', batch {args.batch}' if args.batch else ''}")
     for col in ["model", "method", "samples/s", "peak mem", "x fwd+bwd", "max |diff| to naive (rel)", "note"]:
         t.add_column(col, justify="left" if col in ("model", "method", "note") else "right")
     for r in rows:

@@ -122,17 +122,20 @@ def _ml1m_rows(n_rows: int, n_items: int) -> Tensor | None:
     return x
 
 
-def build(name: str, quick: bool, device: str) -> Case:
+def build(name: str, quick: bool, device: str, batch: int | None = None) -> Case:
+    """The benchmark case ``name``; ``batch`` overrides the samples per batch (same number of batches)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     gpu = device.startswith("cuda") and not quick
     if name == "mlp":
         B, nb = (64, 2) if quick else (4096, 8) if gpu else (128, 4)
+        B = batch or B
         model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
         batches = [((torch.randn(B, 784, generator=g),), torch.randint(0, 10, (B,), generator=g)) for _ in range(nb)]
         case = Case("(a) MLP 784-1024-1024-10", model, batches, "categorical", ce_nll, True, True)
     elif name == "vae":
         B, nb, V = (64, 2, 3706) if quick else (2048, 8, 3706) if gpu else (128, 4, 3706)
+        B = batch or B
         model = mult_vae(V)
         x = _ml1m_rows(B * nb, V)
         note = "real ML-1M user rows"
@@ -144,6 +147,7 @@ def build(name: str, quick: bool, device: str) -> Case:
         case = Case(f"(b) Mult-VAE {V}-600-200-600-{V}", model, batches, "multinomial", multinomial_nll, True, True, note)
     elif name == "sasrec":
         B, nb, V = (16, 2, 5000) if quick else (256, 4, 50000) if gpu else (32, 2, 20000)
+        B = batch or B
         L = 50
         model = SASRec(V, max_len=L)
         batches = []
@@ -158,6 +162,7 @@ def build(name: str, quick: bool, device: str) -> Case:
                     False, False, "full softmax over items at every position; per-sequence Fisher")
     elif name == "cnn":
         B, nb = (64, 2) if quick else (2048, 8) if gpu else (128, 4)
+        B = batch or B
         model = cnn()
         batches = [((torch.randn(B, 1, 28, 28, generator=g),), torch.randint(0, 10, (B,), generator=g))
                    for _ in range(nb)]

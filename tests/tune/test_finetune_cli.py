@@ -129,3 +129,23 @@ def test_real_resnet20_jpeg_smoke(tmp_path: Path) -> None:
                  "train.epochs=1", "train.folds=2", "train.guard_resplit=false"]) == 0
     rows = {r["strategy"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert rows["untouched"]["acc_mean"] > 0.3 and set(rows) == {"untouched", "head_only", "bn_adapt"}
+
+
+def test_draws_option_splits_the_work_into_the_same_cells(tmp_path: Path, monkeypatch, capsys) -> None:
+    """One process per draw (``--draws``) gives the cells one process over all draws gives."""
+    monkeypatch.setattr(ft, "load_task", _fake_task)
+    cfg = _config(tmp_path)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["finetune", str(cfg), "--strategy", "head_only", "--out", str(whole), "device=cpu"]) == 0
+    assert main(["finetune", str(cfg), "--strategy", "head_only", "--out", str(split), "device=cpu",
+                 "--draws", "1", "data.k=3"]) == 0  # overrides may follow --draws
+    assert sorted(p.name for p in (split / "cells").glob("*.json")) == ["head_only__draw1.json"]
+    assert main(["finetune", str(cfg), "--strategy", "head_only", "--out", str(split), "device=cpu",
+                 "--draws", "0,1"]) == 0
+    for d in (0, 1):
+        a, b = (json.loads((o / "cells" / f"head_only__draw{d}.json").read_text()) for o in (whole, split))
+        assert (a["key"], a["test_acc"], a["lr"], a["epochs"]) == (b["key"], b["test_acc"], b["lr"], b["epochs"])
+    capsys.readouterr()
+    assert main(["finetune", str(cfg), "--strategy", "head_only", "--out", str(split), "--draws", "7"]) == 2
+    captured = capsys.readouterr()
+    assert "not in data.draws" in captured.out + captured.err

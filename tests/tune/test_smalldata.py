@@ -10,6 +10,7 @@ from torch import nn
 
 from fishertune.config import ConfigError
 from fishertune.tune.smalldata import (
+    InputNoise,
     TrainConfig,
     _lr_lambda,
     adapt_batchnorm,
@@ -230,6 +231,197 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="needs unlabelled inputs"):
         x, y = _data()
         finetune_small(_model(), "self_train", (x, y), config=FAST)
+
+
+# --- FisherTune inside finetune_small ----------------------------------------------------------------
+
+FT_FAST = {"fishertune_warmup": 1, "fim_update_freq": 2}
+
+
+def _fishertune(train: dict | None = None, **ft) -> object:
+    return get_strategy("fishertune", {"fishertune": dict(FT_FAST, **ft), "train": dict(train or {})})
+
+
+def _check_frozen_exact(model: nn.Module, before: dict, rep) -> bool:
+    """Entries never selected are bit-exact; returns whether any selected entry changed."""
+    changed = False
+    params = dict(model.named_parameters())
+    for k, v in model.state_dict().items():
+        if k not in params:
+            assert torch.equal(v, before[k]), k          # BN statistics (bn_mode frozen)
+        elif k not in rep.params:
+            assert torch.equal(v, before[k]), f"never selected {k} changed"
+        elif k in rep.masks:
+            m = rep.masks[k]
+            assert torch.equal(v[~m], before[k][~m]), f"never selected entries of {k} changed"
+            changed |= not torch.equal(v[m], before[k][m])
+        else:
+            changed |= not torch.equal(v, before[k])
+    return changed
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fishertune_never_selected_entries_stay_bit_exact(optimizer: str) -> None:
+    x, y = _data(n_per_class=8)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # weight decay and momentum / Adam moments built up in the warm-up must not leak into frozen entries
+    fit = finetune_small(model, _fishertune(shared_delta_max=0.8, shared_delta_min=0.6),
+                         (x, y), config=dict(FAST, epochs=4, lr=0.05, weight_decay=0.01, optimizer=optimizer))
+    rep = fit.report
+    assert _check_frozen_exact(model, before, rep)
+    assert rep.masks, "the thresholds should leave some body parameters trained in part"
+    assert 0 < rep.trainable < rep.total
+    assert rep.trainable == sum(a for a, _ in rep.per_module.values())
+    assert rep.per_role["head"] == (6 * 3 + 3, 6 * 3 + 3) or "linear.weight" in rep.masks
+    # at 0.6-0.8 of the body frozen by rank, at most ~40 % of the body can ever have trained
+    body = [n for n, _ in model.named_parameters() if not n.startswith("linear.")]
+    body_total = sum(p.numel() for n, p in model.named_parameters() if n in body)
+    body_sel = sum(int(rep.masks[n].sum()) if n in rep.masks else (dict(model.named_parameters())[n].numel()
+                                                                    if n in rep.params else 0) for n in body)
+    assert body_sel < 0.6 * body_total
+
+
+def test_fishertune_warmup_trains_only_the_head() -> None:
+    x, y = _data(n_per_class=8)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = finetune_small(model, _fishertune(fishertune_warmup=3), (x, y), config=dict(FAST, epochs=3))
+    assert sorted(fit.report.params) == ["linear.bias", "linear.weight"] and not fit.report.masks
+    assert _check_frozen_exact(model, before, fit.report)
+    assert fit.report.trainable == 6 * 3 + 3
+
+
+def test_fishertune_kfold_guard_and_delta_reload(tmp_path) -> None:
+    from fishertune.tune.delta import load_delta, save_delta
+
+    x, y = _data(n_per_class=10)
+    model = _model()
+    with torch.no_grad():  # a head that predicts a constant class: 1/3 right, room to improve
+        model.linear.weight.zero_()
+        model.linear.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    strat = _fishertune({"lr_grid": [0.03, 0.3]})
+    fit = finetune_small(model, strat, (x, y), config={"epochs": 4, "batch_size": 10, "folds": 3, "augment": []})
+    assert fit.selection == "kfold" and fit.n_scored == 30 and fit.base_correct == 10
+    assert len(fit.curves["0.03"]) == len(fit.curves["0.3"]) == 5     # epochs 0..4 per lr of the grid
+    assert not fit.kept_base and "fine-tuned kept" in fit.message, fit.message
+    assert f"resplit {fit.lr:g}" in fit.curves and fit.epochs >= 1
+    assert _check_frozen_exact(model, base, fit.report)
+    always = [n for n in fit.report.params if n not in fit.report.masks]   # as the comparison runner does
+    save_delta(tmp_path / "ft.safetensors", model, base, strat, always=always)
+    fresh = _model()
+    fresh.load_state_dict(base)
+    info = load_delta(tmp_path / "ft.safetensors", fresh)
+    assert info["strategy"]["fishertune"]["fishertune_warmup"] == 1
+    tf = image_transform([])
+    with torch.no_grad():
+        assert torch.equal(fresh(tf(x, False, None)), model(tf(x, False, None)))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_fishertune_guard_keeps_the_pretrained_model() -> None:
+    x, _ = _data(n_per_class=8)
+    model = _model()
+    with torch.no_grad():
+        y = model(image_transform([])(x, False, None)).argmax(1)   # the model is 100 % right already
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = finetune_small(model, _fishertune({"lr_grid": [0.5]}), (x, y),
+                         config={"epochs": 2, "batch_size": 8, "folds": 3, "augment": ["noise:0.5"]})
+    assert fit.kept_base and "guard kept the pretrained model" in fit.message
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("fim", [{"fim_method": "batch"}, {"fim_method": "online"},
+                                 {"perturbation_type": "noise", "perturbation_noise_std": 0.3},
+                                 {"perturbation_type": "feature_shift", "perturbation_modules": ["conv2"]},
+                                 {"use_fisher_regularization": True, "use_natural_gradient": True},
+                                 {"use_adaptive_scheduler": True, "scheduler_metric": "train_loss"},
+                                 {"use_fishertune": False}])
+def test_fishertune_options_run(fim: dict) -> None:
+    x, y = _data(n_per_class=6)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = finetune_small(model, _fishertune(**fim), (x, y), config=dict(FAST, epochs=3))
+    assert _check_frozen_exact(model, before, fit.report)
+    if fim.get("use_fishertune") is False:    # plain training of the rules' parameters
+        assert fit.report.trainable == fit.report.total
+
+
+def test_fishertune_through_the_comparison_runner(tmp_path, monkeypatch) -> None:
+    """`fishertune: {}` in a finetune config: k-fold cells, the summary row and a delta that reloads to
+    the cell's test accuracy."""
+    from fishertune.tune import finetune as ft
+    from fishertune.tune.delta import load_delta
+    from fishertune.zoo import disjoint_draws
+
+    x, y = _data(n_per_class=12, seed=0)
+    tx, ty = _data(n_per_class=10, seed=1)
+
+    def task(data, device):
+        return ft.Task("tiny", _model(), (x * 255).to(torch.uint8), y, (tx * 255).to(torch.uint8), ty,
+                       lambda aug: image_transform(aug), lambda seeds: disjoint_draws(y, data.k, seeds))
+
+    monkeypatch.setattr(ft, "load_task", task)
+    cfg = ft.FinetuneConfig.model_validate({
+        "data": {"k": 6, "draws": [0]}, "device": "cpu",
+        "train": {"epochs": 3, "batch_size": 6, "folds": 3, "augment": ["flip"], "guard": False},
+        "strategies": {"fishertune": {"fishertune": FT_FAST, "train": {"lr_grid": [0.1]}}}})
+    out = tmp_path / "out"
+    summary = ft.run_comparison(cfg, out, log=lambda s: None)
+    row = next(r for r in summary["rows"] if r["strategy"] == "fishertune")
+    cell = __import__("json").loads((out / "cells" / "fishertune__draw0.json").read_text())
+    assert row["draws"] == 1 and cell["selection"] == "kfold" and 0 < cell["trainable"] < cell["total"]
+    model = _model()
+    load_delta(out / "deltas" / "fishertune__draw0.safetensors", model)
+    assert ft._accuracy(model, (tx * 255).to(torch.uint8), ty, image_transform([])) == cell["test_acc"]
+
+
+def test_input_noise_perturbation() -> None:
+    p = InputNoise(0.5)
+    assert p.magnitude() == (0.0, 0.5)
+    batch = ((torch.zeros(4, 3, 2, 2),), torch.zeros(4, dtype=torch.long))
+    a = p.batch(batch, torch.Generator().manual_seed(1))
+    b = p.batch(batch, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0][0], b[0][0]) and a[0][0].std() == pytest.approx(0.5, rel=0.3)
+    assert torch.equal(a[1], batch[1]) and torch.equal(batch[0][0], torch.zeros(4, 3, 2, 2))
+    with pytest.raises(ValueError, match="perturbation_noise_std"):
+        InputNoise(-1.0)
+    with pytest.raises(ValueError, match="token inputs name modules"):
+        p.batch(({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, torch.zeros(2)), torch.Generator())
+
+
+def test_fishertune_config_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'perturbation_typ'"):
+        get_strategy("fishertune", {"fishertune": {"perturbation_typ": "noise"}})
+    with pytest.raises(ConfigError, match="shared_delta_min"):
+        get_strategy("fishertune", {"fishertune": {"shared_delta_min": 1.5}})
+    with pytest.raises(ConfigError, match="'shared_lr' is set by the small-data recipe: use train.lr"):
+        get_strategy("fishertune", {"fishertune": {"shared_lr": 0.1}})
+    with pytest.raises(ConfigError, match="recommender perturbation"):
+        get_strategy("fishertune", {"fishertune": {"perturbation_type": "edge_dropout"}})
+    with pytest.raises(ConfigError, match="scheduler_metric: train_loss"):
+        get_strategy("fishertune", {"fishertune": {"use_adaptive_scheduler": True}})
+    # a module pattern that matches nothing: refused before the warm-up (10 warm-up epochs, none run)
+    with pytest.raises(ValueError, match=r"perturbation_modules: module pattern\(s\) \['nope'\] match no module"):
+        finetune_small(_model(), _fishertune(fishertune_warmup=10, perturbation_type="feature_shift",
+                                             perturbation_modules=["nope"]), _data(), config=dict(FAST, epochs=12))
+    # input noise needs float inputs: refused before any training on token inputs
+    class Tok(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(input_ids).mean(1))
+
+    ids = {"input_ids": torch.randint(0, 5, (12, 3), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(ValueError, match="token inputs name modules"):
+        finetune_small(Tok(), _fishertune(perturbation_type="noise"), (ids, torch.arange(12) % 2),
+                       config=dict(FAST, augment=[]))
 
 
 # --- real data: ResNet-20 on a handful of JPEG images -----------------------------------------------

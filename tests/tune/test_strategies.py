@@ -15,8 +15,10 @@ from fishertune.tune.strategies import (
     depth_units,
     expand_pattern,
     fish_masks,
+    fishertune_config,
     get_strategy,
     model_roles,
+    narrow_report,
     select_rule,
 )
 from fishertune.zoo.cifar_resnet import GROUPS, CifarResNet
@@ -228,3 +230,39 @@ def test_strategy_flags() -> None:
     assert get_strategy("self_train").uses_unlabelled and get_strategy("head_only").uses_labels
     assert not get_strategy("l2sp").uses_unlabelled and get_strategy("ewc").uses_unlabelled
     assert isinstance(get_strategy(StrategyConfig(name="z")), StrategyConfig)
+
+
+# --- the fishertune strategy -------------------------------------------------------------------------
+
+def test_fishertune_strategy_config() -> None:
+    strat = get_strategy("fishertune")
+    assert strat.uses_labels and not strat.uses_unlabelled and strat.rules
+    assert fishertune_config(strat.fishertune).fishertune_warmup == 2
+    assert get_strategy(strat.model_dump()) == strat             # round trip
+    with pytest.raises(ConfigError, match="fishertune needs rules"):
+        get_strategy({"name": "x", "fishertune": {}})
+    with pytest.raises(ConfigError, match="fishertune and fish_mask both"):
+        get_strategy("fishertune", {"fish_mask": {"keep": 0.1}})
+    with pytest.raises(ValueError, match="unknown key .warmup."):   # pydantic ValidationError
+        StrategyConfig(name="y", rules=[Rule()], fishertune={"warmup": 1})
+    with pytest.raises(ConfigError, match="'specific_weight_decay' is set by the small-data recipe"):
+        fishertune_config({"specific_weight_decay": 0.1})
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        fishertune_config([1])   # type: ignore[arg-type]
+
+
+def test_narrow_report_counts(resnet: CifarResNet) -> None:
+    rep = apply(resnet, "full_low_lr")
+    params = dict(resnet.named_parameters())
+    half = torch.zeros_like(params["conv1.weight"], dtype=torch.bool)
+    half.view(-1)[: half.numel() // 2] = True
+    selected = {"conv1.weight": half, "bn1.weight": torch.zeros_like(params["bn1.weight"], dtype=torch.bool),
+                "bn1.bias": torch.ones_like(params["bn1.bias"], dtype=torch.bool)}
+    out = narrow_report(resnet, rep, selected)
+    assert "bn1.weight" not in out.params and "bn1.bias" in out.params and "bn1.bias" not in out.masks
+    assert torch.equal(out.masks["conv1.weight"], half)
+    assert out.trainable == rep.trainable - params["conv1.weight"].numel() // 2 - params["bn1.weight"].numel()
+    assert sum(t for t, _ in out.per_module.values()) == out.trainable
+    assert out.per_role["stem"][0] == half.numel() // 2 + params["bn1.bias"].numel()
+    with pytest.raises(ValueError, match="not trainable"):
+        narrow_report(resnet, apply(resnet, "head_only"), selected)

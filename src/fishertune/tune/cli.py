@@ -21,7 +21,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         names = [n for s in args.strategy for n in s.split(",") if n]
     out = Path(args.out) if args.out else _new_run_dir(cfg.output_dir, cfg.name)
     console.print(f"fine-tune comparison directory: {out}  (re-run with --out {out} to resume)")
-    summary = run_comparison(cfg, out, names, log=lambda s: console.print(s, markup=False, highlight=False))
+    only = None
+    if args.draws:
+        try:
+            only = [int(d) for d in str(args.draws).split(",") if d.strip()]
+        except ValueError:
+            raise ConfigError(f"--draws takes comma-separated integers, got {args.draws!r}") from None
+    summary = run_comparison(cfg, out, names, log=lambda s: console.print(s, markup=False, highlight=False),
+                             only_draws=only)
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"table: {out / 'summary.md'} (.csv, .json); plot: {out / 'accuracy_vs_params.png'}")
     return 0 if summary else 1
@@ -60,4 +67,6 @@ def register(sub) -> None:
                                                                 "config (or every preset when it lists none)")
     p.add_argument("--out", nargs="+", action=_Split,
                    help="output directory; an existing one is resumed (finished cells skipped)")
-    p.set_defaults(func=cmd_finetune, strategy=None, compare=None, out=None, late_overrides=[])
+    p.add_argument("--draws", nargs="+", action=_Split, help="run only these draws of data.draws (comma-separated), e.g. one process "
+                                   "per draw sharing one --out")
+    p.set_defaults(func=cmd_finetune, strategy=None, compare=None, out=None, late_overrides=[], draws=None)

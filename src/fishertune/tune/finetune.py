@@ -216,9 +216,14 @@ def _accuracy(model: nn.Module, x: Inputs, y: Tensor, transform: Transform) -> f
 
 
 def run_comparison(cfg: FinetuneConfig, out: str | Path, strategies: list[str] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every missing (strategy, draw) cell, then write the summary; returns it."""
+                   log: Callable[[str], None] = print, only_draws: list[int] | None = None) -> dict[str, Any]:
+    """Run every missing (strategy, draw) cell, then write the summary; returns it. ``only_draws`` runs a
+    subset of ``cfg.data.draws`` (e.g. one process per draw); the draws themselves are still drawn from
+    the whole list, so a cell is the same whichever process computes it."""
     out = Path(out)
+    unknown = sorted(set(only_draws or []) - set(cfg.data.draws))
+    if unknown:
+        raise ConfigError(f"draws {unknown} are not in data.draws {cfg.data.draws}")
     names = strategies or cfg.names()
     resolved = {n: cfg.strategy(n) for n in names}  # validate every strategy before any work
     for strat in resolved.values():
@@ -247,6 +252,8 @@ def run_comparison(cfg: FinetuneConfig, out: str | Path, strategies: list[str] |
     for name in names:
         strat = resolved[name]
         for d, idx in zip(cfg.data.draws, draws):
+            if only_draws is not None and d not in only_draws:
+                continue
             cell = out / "cells" / f"{name}__draw{d}.json"
             key = _key(strat.model_dump(), cfg.train, cfg.data.model_dump(), d)
             if cell.is_file() and json.loads(cell.read_text()).get("key") == key:

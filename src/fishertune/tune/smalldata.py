@@ -25,12 +25,16 @@ warm-up, gradient clipping, weight decay, augmentation hooks (``crop``, ``flip``
 ``rotation:D``, ``noise:S`` or any callable), BatchNorm kept in eval mode by default (``bn_mode:
 frozen``: 32-image batch statistics are worse than the pretrained ones), seeded generators; the
 strategy adds a Fisher mask (:class:`~fishertune.tune.masking.ParameterMask`), an L2-SP/EWC anchor,
-pseudo-labels or entropy on unlabelled inputs.
+pseudo-labels or entropy on unlabelled inputs, or FisherTune's progressive selection: a
+:class:`~fishertune.tune.fishertune.FisherTuner` per training run (every fold, lr and the final run)
+decides each epoch which entries train (head-only warm-up, then Fisher / DR-FIM on that run's labelled
+training part and thresholds from ``delta_max`` to ``delta_min``), inside the same selection and guard.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,12 +46,23 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from fishertune.config import StrictModel, deep_merge, validate
+from fishertune.config import ConfigError, StrictModel, deep_merge, validate
+from fishertune.tune.fishertune import (
+    FisherTuneConfig,
+    FisherTuner,
+    batch_gradient_fisher,
+    engine_fisher,
+)
+from fishertune.tune.perturb import Perturbation, check_range, match_modules
 from fishertune.tune.strategies import (
+    Rule,
     StrategyConfig,
     TrainableReport,
     apply,
+    fishertune_config,
     get_strategy,
+    narrow_report,
+    select_rule,
 )
 
 Inputs = Tensor | Mapping[str, Tensor]
@@ -350,9 +365,10 @@ def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]
 def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, cfg: TrainConfig, lr: float,
            epochs: int, x: Inputs, y: Tensor, transform: Transform, *, unlabelled: Inputs | None,
            extras: _Extras, evals: Sequence[tuple[Inputs, Tensor]] = (), seed: int = 0,
-           patience: int | None = None) -> tuple[list[list[int]], dict[str, Tensor] | None]:
+           patience: int | None = None) -> tuple[list[list[int]], dict[str, Tensor] | None, TrainableReport]:
     """Train in place; returns correct counts on each eval set after every epoch (index 0 = before),
-    and, with ``patience`` (first eval set), the state of the best epoch (None without)."""
+    with ``patience`` (first eval set) the state of the best epoch (None without), and the report
+    (with FisherTune: narrowed to the entries its masks selected in some epoch)."""
     from fishertune.tune.masking import ParameterMask
 
     device = _device(model)
@@ -363,7 +379,7 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
     if patience and evals:
         best_state = copy.deepcopy(model.state_dict())
     if not trainable or epochs == 0:
-        return curves, best_state
+        return curves, best_state, report
     decay, no_decay = cfg.weight_decay, 0.0
     groups = [{"params": [named[n]], "lr": lr * report.lr_scale[n],
                "weight_decay": decay if named[n].dim() > 1 else no_decay} for n in trainable]
@@ -385,9 +401,15 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
     if (pl is not None or ent is not None) and n_unl == 0:
         raise ValueError(f"strategy {strategy.name!r} needs unlabelled inputs (pseudo_label / entropy)")
     y = y.to(device)
+    tuner = _make_tuner(model, strategy, trainable, x, y, transform, epochs, seed) \
+        if strategy.fishertune is not None else None
+    selected: dict[str, Tensor] | None = None
     order = torch.empty(0, dtype=torch.long)
     pos = 0
     for epoch in range(epochs):
+        if tuner is not None:
+            selected = _tuner_epoch_start(tuner, epoch, selected)
+            loss_sum = torch.zeros((), device=device)
         _set_bn_mode(model, cfg.bn_mode)
         for _ in range(steps):
             if pos + cfg.batch_size > len(order):
@@ -417,10 +439,15 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
                 reg = sum(((named[k] - anchor0[k]) ** 2 * (extras.anchor_w[k] if extras.anchor_w else 1.0)).sum()
                           for k in trainable)
                 loss = loss + 0.5 * strategy.anchor.strength * reg
+            if tuner is not None:
+                loss = loss + tuner.penalty()    # EWC value (0 when off); before_step adds its gradient
+                loss_sum += loss.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if mask is not None:
                 mask.apply_to_grads()
+            if tuner is not None:
+                tuner.before_step(batch_size=len(idx))   # EWC / natural gradient, masks, snapshot
             if cfg.clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_([named[k] for k in trainable], cfg.clip_grad)
             if mask is not None:
@@ -428,7 +455,11 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
             opt.step()
             if mask is not None:
                 mask.restore()
+            if tuner is not None:
+                tuner.after_step()
             sched.step()
+        if tuner is not None:
+            tuner.on_epoch_end(epoch, {"train_loss": float(loss_sum) / steps})
         for c, (ex, ey) in zip(curves, evals):
             c.append(count_correct(model, ex, ey, transform, cfg.eval_batch_size))
         if patience and evals:
@@ -440,7 +471,90 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
                 if since >= patience:
                     break
     model.eval()
-    return curves, best_state
+    if selected is not None:
+        report = narrow_report(model, report, selected)
+    return curves, best_state, report
+
+
+# --- FisherTune (progressive selection by the FisherTuner) -------------------------------------------
+
+
+class InputNoise(Perturbation):
+    """``x' = x + N(0, std^2)`` on the float model inputs of a Fisher batch: FisherTune's ``noise``
+    perturbation for a classifier when no ``perturbation_modules`` are named (magnitude ``(0, std)``)."""
+
+    name = "input_noise"
+
+    def __init__(self, std: float) -> None:
+        self.std = check_range("perturbation_noise_std", std, 0.0, math.inf)
+
+    def magnitude(self) -> tuple[float, float]:
+        return (0.0, self.std)
+
+    def batch(self, batch: Any, generator: torch.Generator) -> Any:
+        inp, target = batch
+        if isinstance(inp, Mapping) or not all(t.is_floating_point() for t in inp):
+            raise ValueError(_NOISE_INPUTS)
+        return tuple(t + self.std * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                     for t in inp), target
+
+
+_NOISE_INPUTS = ("fishertune: perturbation_type 'noise' without perturbation_modules adds noise to the inputs, "
+                 "which must be float tensors (images); for token inputs name modules in perturbation_modules "
+                 "(e.g. 'body.*embeddings')")
+
+
+def _tuner_groups(model: nn.Module, trainable: Sequence[str]) -> dict[str, list[str]]:
+    """FisherTune groups for a classifier: ``specific`` = the trainable parameters of the ``head`` role,
+    ``shared`` = the other trainable ones (empty groups left out); exact names as glob patterns."""
+    try:
+        head = set(select_rule(model, Rule(select=["head"])))
+    except ConfigError:
+        head = set()
+    groups = {"shared": [n for n in trainable if n not in head], "specific": [n for n in trainable if n in head]}
+    return {g: [glob.escape(n) for n in names] for g, names in groups.items() if names}
+
+
+def _ce_loss(model: nn.Module, batch: Any) -> Tensor:
+    inp, target = _split(batch)
+    return F.cross_entropy(model(*inp), target)
+
+
+def _make_tuner(model: nn.Module, strategy: StrategyConfig, trainable: Sequence[str], x: Inputs, y: Tensor,
+                transform: Transform, epochs: int, seed: int) -> FisherTuner:
+    """The :class:`FisherTuner` of one training run: groups from :func:`_tuner_groups`, Fisher on this
+    run's labelled training inputs without augmentation (``engine_fisher`` for ``fim_method:
+    empirical``, ``batch_gradient_fisher`` of the cross-entropy for ``batch`` / ``online``), input
+    noise as the ``noise`` perturbation when no modules are named, the schedule spanning ``epochs``."""
+    cfg: FisherTuneConfig = fishertune_config(strategy.fishertune or {})
+    if cfg.use_fishertune and cfg.perturbation_modules:   # fail now, not after the warm-up
+        match_modules(model, cfg.perturbation_modules, "fishertune: perturbation_modules")
+    perturbation = None
+    if cfg.use_fishertune and cfg.perturbation_type == "noise" and not cfg.perturbation_modules:
+        if isinstance(x, Mapping):
+            raise ValueError(_NOISE_INPUTS)
+        perturbation = InputNoise(cfg.perturbation_noise_std)
+    batches = _fisher_batches(model, x, y, transform)
+    fisher_fn = (engine_fisher("categorical", batch_to_inputs=_split) if cfg.fim_method == "empirical"
+                 else batch_gradient_fisher(_ce_loss, batch_size_fn=lambda b: len(b[1])))
+    return FisherTuner(model, cfg, _tuner_groups(model, trainable), fisher_fn, lambda: batches,
+                       perturbation=perturbation, seed=seed, log=None, total_epochs=epochs)
+
+
+def _tuner_epoch_start(tuner: FisherTuner, epoch: int,
+                       selected: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``on_epoch_start``; during warm-up only the head (``specific``) trains when there is a body
+    (``shared``) too: a fresh or task-shifted head is fitted before the Fisher of the body is read.
+    Returns the union of the entries selected so far (None while FisherTune is off)."""
+    tuner.on_epoch_start(epoch)
+    if not tuner.enabled:
+        return None
+    if tuner.phase == "warmup" and len(tuner.groups) == 2:
+        tuner.mask.set({n: torch.zeros_like(tuner.params[n], dtype=torch.bool) for n in tuner.groups["shared"]})
+    now = tuner.mask.masks()
+    if selected is None:
+        return {n: m.clone() for n, m in now.items()}
+    return {n: selected[n] | m for n, m in now.items()}
 
 
 # --- preparation (strategy-specific setup that precedes training) ------------------------------------
@@ -490,23 +604,29 @@ def _teacher_probs(model: nn.Module, x: Inputs | None, transform: Transform, tta
     return p
 
 
-def _fisher(model: nn.Module, x: Inputs, y: Tensor, transform: Transform, kind: str,
-            batch_size: int = 64) -> dict[str, Tensor]:
-    from fishertune.fisher import diagonal_fisher
-
+def _fisher_batches(model: nn.Module, x: Inputs, y: Tensor, transform: Transform,
+                    batch_size: int = 64) -> list[tuple[Any, Tensor]]:
+    """``(inputs, labels)`` batches of ``x`` as the model sees them (no augmentation), on its device."""
     device = _device(model)
     batches = []
     for s in range(0, _len(x), batch_size):
         idx = torch.arange(s, min(s + batch_size, _len(x)))
         xi = transform(_take(x, idx), False, None)
-        batches.append(((xi,) if not isinstance(xi, Mapping) else xi, y[idx].to(device)))
+        batches.append(((xi,) if not isinstance(xi, Mapping) else xi, y[idx.to(y.device)].to(device)))
+    return batches
 
-    def split(batch):
-        inp, target = batch
-        return (inp if isinstance(inp, tuple) else tuple(inp.values())), target
 
-    res = diagonal_fisher(model, batches, likelihood="categorical", kind=kind, batch_to_inputs=split,
-                          progress=False)
+def _split(batch: tuple[Any, Tensor]) -> tuple[tuple, Tensor]:
+    inp, target = batch
+    return (inp if isinstance(inp, tuple) else tuple(inp.values())), target
+
+
+def _fisher(model: nn.Module, x: Inputs, y: Tensor, transform: Transform, kind: str,
+            batch_size: int = 64) -> dict[str, Tensor]:
+    from fishertune.fisher import diagonal_fisher
+
+    res = diagonal_fisher(model, _fisher_batches(model, x, y, transform, batch_size), likelihood="categorical",
+                          kind=kind, batch_to_inputs=_split, progress=False)
     return dict(res.fisher)
 
 
@@ -544,9 +664,6 @@ def finetune_small(model: nn.Module, strategy: StrategyConfig | str | Mapping[st
     weights, or the pretrained ones when the guard kept them."""
     t0 = time.perf_counter()
     strat = strategy if isinstance(strategy, StrategyConfig) else get_strategy(strategy)
-    if strat.fishertune is not None:
-        raise ValueError(f"strategy {strat.name!r}: FisherTuner (progressive FisherTune) drives its own training "
-                         "loop and is not wired into finetune_small yet; use fishertune.tune.FisherTuner directly")
     cfg = resolve_train(config, strat)
     say = log or (lambda s: None)
     device = _device(model)
@@ -567,8 +684,8 @@ def finetune_small(model: nn.Module, strategy: StrategyConfig | str | Mapping[st
 
     def run(xi, yi, lr, epochs, evals, seed, patience=None):
         rep = prep(xi, yi)
-        curves, best = _train(model, rep, strat, cfg, lr, epochs, xi, yi, transform, unlabelled=unlabelled,
-                              extras=extras, evals=evals, seed=seed, patience=patience)
+        curves, best, rep = _train(model, rep, strat, cfg, lr, epochs, xi, yi, transform, unlabelled=unlabelled,
+                                   extras=extras, evals=evals, seed=seed, patience=patience)
         return rep, curves, best
 
     def finish(rep, lr, epochs, chosen, scored, kept, msg, curves, selection) -> FitResult:

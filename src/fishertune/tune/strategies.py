@@ -11,7 +11,9 @@ and returns a :class:`TrainableReport` (count, share, per module, per role, lr s
 
 Presets (:data:`PRESETS`, :func:`get_strategy`): ``head_only``, ``decoder_head``, ``full_low_lr``,
 ``bitfit``, ``norm_only``, ``bn_adapt``, ``fish_mask``, ``layerwise_lr_decay``, ``l2sp``, ``ewc``,
-``tent``, ``self_train`` and combinations (``bn_adapt_head``, ``self_train_ewc``, ...).
+``tent``, ``self_train`` and combinations (``bn_adapt_head``, ``self_train_ewc``, ...), and ``fishertune``
+(the progressive :class:`~fishertune.tune.fishertune.FisherTuner` choosing, epoch by epoch, which
+entries of the ``rules``' parameters train; its ``fishertune:`` mapping holds ``FisherTuneConfig`` keys).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from fishertune.config import ConfigError, StrictModel, deep_merge, validate
+from fishertune.tune.fishertune import FisherTuneConfig
 
 # --- configs -----------------------------------------------------------------------------------------
 
@@ -114,10 +117,21 @@ class StrategyConfig(StrictModel):
     fishertune: dict[str, Any] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("fishertune")
+    @classmethod
+    def _fishertune_keys(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            fishertune_config(v)
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> StrategyConfig:
         if self.fish_mask is not None and not self.rules:
             raise ValueError("fish_mask needs rules naming the candidate parameters (e.g. select: [])")
+        if self.fishertune is not None and not self.rules:
+            raise ValueError("fishertune needs rules naming the candidate parameters (e.g. select: [])")
+        if self.fishertune is not None and self.fish_mask is not None:
+            raise ValueError("fishertune and fish_mask both choose which entries train; use one of them")
         return self
 
     @property
@@ -175,6 +189,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named strategies (``train`` entries are recipe overrides; ``lr_grid`` is what k-fold chooses from)."""
 
+FISHERTUNE_PRESET: dict[str, Any] = {
+    "description": "progressive Fisher-guided fine-tuning (FisherTuner): head-only warm-up, then the entries "
+                   "with the highest Fisher on the labelled fold train, delta_max -> delta_min (shared = body, "
+                   "specific = head)",
+    "rules": [_ALL], "fishertune": {"fishertune_warmup": 2},
+    "train": {"lr_grid": [0.0003, 0.001, 0.003]}}
+"""The ``fishertune`` strategy, by name like a preset (kept out of :data:`PRESETS`, the classic strategies)."""
+
+
+# FisherTuneConfig keys that finetune_small sets itself: the recipe's lr (lr_grid x the rules' lr_scale),
+# weight decay and optimizer apply to every trained parameter, as for the other strategies
+_FT_RECIPE_KEYS = {"shared_lr": "train.lr / train.lr_grid (and a rule's lr_scale)",
+                   "specific_lr": "train.lr / train.lr_grid (and a rule's lr_scale, e.g. on the head)",
+                   "shared_weight_decay": "train.weight_decay", "specific_weight_decay": "train.weight_decay"}
+
+
+def fishertune_config(mapping: Mapping[str, Any]) -> FisherTuneConfig:
+    """The :class:`FisherTuneConfig` of a small-data strategy's ``fishertune:`` mapping (strict: an
+    unknown key or a bad value is a :class:`ConfigError` naming it). Keys the small-data recipe owns
+    (the groups' lr and weight decay), the recommender's perturbations and an adaptive scheduler on a
+    metric the loop does not produce are refused with what to use instead."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"fishertune: expected a mapping of FisherTuneConfig keys, got {type(mapping).__name__}")
+    owned = [k for k in mapping if k in _FT_RECIPE_KEYS]
+    if owned:
+        raise ConfigError("fishertune: " + "; ".join(f"{k!r} is set by the small-data recipe: use {_FT_RECIPE_KEYS[k]}"
+                                                     for k in owned))
+    cfg = validate(FisherTuneConfig, dict(mapping), source="fishertune (FisherTuneConfig keys, docs/tune.md)")
+    if cfg.perturbation_type in ("edge_dropout", "popularity"):
+        raise ConfigError(f"fishertune: perturbation_type={cfg.perturbation_type!r} is a recommender perturbation; "
+                          "for a classifier use none, noise (input noise, or noise on perturbation_modules), "
+                          "feature_shift or combined")
+    if cfg.use_adaptive_scheduler and cfg.scheduler_metric != "train_loss":
+        raise ConfigError(f"fishertune: the adaptive scheduler in finetune_small sees only 'train_loss' (mean "
+                          f"training loss of the epoch), not {cfg.scheduler_metric!r}: set scheduler_metric: train_loss")
+    return cfg
+
 
 def get_strategy(name: str | Mapping[str, Any] | StrategyConfig,
                  overrides: Mapping[str, Any] | None = None) -> StrategyConfig:
@@ -198,8 +249,7 @@ def _preset(name: str) -> dict[str, Any]:
     if name in PRESETS:
         return PRESETS[name]
     if name == "fishertune":
-        return {"description": "progressive Fisher-guided fine-tuning (FisherTuner)", "rules": [_ALL],
-                "fishertune": {}}
+        return FISHERTUNE_PRESET
     raise ConfigError(f"unknown strategy {name!r}; choose from {sorted([*PRESETS, 'fishertune'])} "
                       "or give a mapping with rules")
 
@@ -462,6 +512,15 @@ def apply(model: nn.Module, strategy: StrategyConfig | str, *,
                 del masks[n]
     for name, p in named.items():
         p.requires_grad_(name in train)
+    buffers = ([n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in
+                ("running_mean", "running_var", "num_batches_tracked")] if cfg.bn_adapt is not None else [])
+    return _report(cfg.name, model, roles, train, masks, buffers)
+
+
+def _report(strategy: str, model: nn.Module, roles: Mapping[str, tuple[str, ...]], train: dict[str, float],
+            masks: dict[str, torch.Tensor], buffers: list[str]) -> TrainableReport:
+    """Counts per owning module and role of the ``train`` parameters (``masks``: those trained in part)."""
+    named = dict(model.named_parameters())
     owners: dict[str, list[int]] = {}
     for name, p in named.items():
         mod = name.rsplit(".", 1)[0] if "." in name else ""
@@ -478,10 +537,34 @@ def apply(model: nn.Module, strategy: StrategyConfig | str, *,
         per_role[role] = (t, tot)
     total = sum(p.numel() for p in named.values())
     trainable = sum(a for a, _ in owners.values())
-    buffers = ([n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in
-                ("running_mean", "running_var", "num_batches_tracked")] if cfg.bn_adapt is not None else [])
-    return TrainableReport(cfg.name, total, trainable, {k: (a, b) for k, (a, b) in owners.items()}, per_role,
+    return TrainableReport(strategy, total, trainable, {k: (a, b) for k, (a, b) in owners.items()}, per_role,
                            train, masks, buffers)
+
+
+def narrow_report(model: nn.Module, report: TrainableReport, selected: Mapping[str, torch.Tensor]) -> TrainableReport:
+    """``report`` restricted to the entries that ``selected`` marks (True = trained at some point, e.g. the
+    union of FisherTune's masks over the epochs): parameters never selected leave ``lr_scale`` (they are
+    not saved in full by a delta), those selected in part get a mask; counts are recomputed. Parameters
+    not named in ``selected`` keep their status."""
+    unknown = sorted(set(selected) - set(report.lr_scale))
+    if unknown:
+        raise ValueError(f"narrow_report: {unknown[:8]} are not trainable in the report of {report.strategy!r}")
+    train, masks = {}, dict(report.masks)
+    for name, scale in report.lr_scale.items():
+        m = selected.get(name)
+        if m is None:
+            train[name] = scale
+            continue
+        m = m.bool()
+        if name in masks:
+            m = m & masks[name].to(m.device)
+        masks.pop(name, None)
+        if not bool(m.any()):
+            continue
+        train[name] = scale
+        if not bool(m.all()):
+            masks[name] = m
+    return _report(report.strategy, model, model_roles(model), train, masks, list(report.buffers_changed))
 
 
 def fish_masks(fisher: Mapping[str, torch.Tensor], keep: float,
