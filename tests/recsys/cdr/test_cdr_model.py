@@ -16,6 +16,7 @@ from fishertune.recsys.cdr.model import (
     BilinearCritic,
     UniCDR,
     contrastive_loss,
+    rec_loss,
 )
 from fishertune.recsys.cdr.perturb import EdgeDropout, PopularityReweighting
 
@@ -171,3 +172,39 @@ def test_popularity_reweighting_invariants():
     assert float((o.own[popular] == 7).float().mean()) > 0.9  # kept with probability 1/100
     assert torch.equal(o.own[(b.own > 0) & (b.own < 7)], b.own[(b.own > 0) & (b.own < 7)])
     assert abs(p.magnitude()[0] - 99 / 111) < 1e-9  # 99 of the 111 training interactions
+
+
+def test_rec_loss_by_hand():
+    pos, neg = torch.tensor([2.0, -1.0]), torch.tensor([[0.0, 1.0], [3.0, -2.0]])
+    bce = F.softplus(-pos).mean() + F.softplus(neg).mean()
+    torch.testing.assert_close(rec_loss("bce", pos, neg), bce)
+    soft = -(pos - torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1)).mean()
+    torch.testing.assert_close(rec_loss("softmax", pos, neg), soft)
+    with pytest.raises(ValueError, match="rec_loss"):
+        rec_loss("hinge", pos, neg)
+
+
+def test_item_bias_enters_training_and_scores():
+    torch.manual_seed(0)
+    plain = UniCDR(CDRModelConfig(dim=6, dropout=0.0), 4, ("a", "b"), (7, 5))
+    torch.manual_seed(0)
+    biased = UniCDR(CDRModelConfig(dim=6, dropout=0.0, item_bias=True), 4, ("a", "b"), (7, 5))
+    plain.eval()
+    biased.eval()
+    b = _batch(train=False)
+    torch.testing.assert_close(biased.score_all(b), plain.score_all(b))  # zero at init, same embeddings
+    with torch.no_grad():
+        biased.item_bias["a"].copy_(torch.arange(7.0))
+    torch.testing.assert_close(biased.score_all(b) - plain.score_all(b), torch.arange(7.0).expand(4, 7))
+    biased.train()
+    biased.loss_terms(_batch(), shift=1)["loss"].backward()
+    assert biased.item_bias["a"].grad.abs().sum() > 0 and biased.item_bias["b"].grad is None
+    assert "item_bias.*" in UniCDR.parameter_groups()["specific"]
+
+
+def test_init_std_sets_embedding_scale():
+    torch.manual_seed(0)
+    model = UniCDR(CDRModelConfig(dim=32, init_std=1.0), 500, ("a", "b"), (400, 300))
+    w = model.item_emb["a"].weight.detach()[:400]
+    assert 0.9 < float(w.std()) < 1.1 and float(model.item_emb["a"].weight.detach()[400].abs().sum()) == 0
+    assert 0.9 < float(model.shared_user.weight.detach().std()) < 1.1

@@ -78,6 +78,22 @@ def test_baseline_trains_and_writes_run_dir(cdr_root, tmp_path):
     assert main(["cdr", "evaluate", str(tmp_path / "run")]) == 0
 
 
+def test_item_bias_and_softmax_train(cdr_root):
+    """The sport_cloth settings (item bias, sampled softmax): the loss falls, the biases learn and
+    evaluation ranks with them (a popular item's bias ends above a never-seen one's)."""
+    cfg = _cfg("train.epochs=3", "model.item_bias=true", "model.rec_loss=softmax", "train.lr=0.01")
+    ctx = build_context(cfg)
+    res = train_cdr(cfg, None, ctx=ctx, echo=False)
+    assert res["history"][-1]["rec"] < res["history"][0]["rec"]
+    assert all(math.isfinite(v) for v in res["metrics"]["aa"]["test"].values())
+    bias = ctx.model.item_bias["aa"].detach()
+    pop = np.asarray(ctx.data["aa"].train.sum(0)).ravel()
+    assert float(bias.abs().sum()) > 0
+    assert float(bias[int(pop.argmax())]) > float(bias[int(pop.argmin())])
+    with pytest.raises(Exception, match="rec_loss"):
+        _cfg("model.rec_loss=hinge")
+
+
 def test_resume_equals_uninterrupted(cdr_root, tmp_path):
     full = train_cdr(_cfg("train.epochs=3"), tmp_path / "a", echo=False)
     train_cdr(_cfg("train.epochs=1"), tmp_path / "b", echo=False)  # "interrupted" after epoch 1

@@ -60,6 +60,12 @@ class CDRModelConfig(StrictModel):
                                                     "evaluation (UniCDR; training masks them out)")
     dropout: float = Field(0.3, ge=0, lt=1)
     n_train_negatives: int = Field(10, ge=1)
+    rec_loss: Literal["bce", "softmax"] = Field(
+        "bce", description="bce: UniCDR's binary cross-entropy on the positive and each negative; softmax: "
+                           "cross-entropy of the positive among itself and its sampled negatives")
+    item_bias: bool = Field(False, description="a learned per-item score offset (UniCDR has none)")
+    init_std: float = Field(0.1, gt=0, description="std of the normal init of user and item embeddings "
+                                                   "(UniCDR: torch's default, 1.0)")
     contrastive: Literal["bilinear", "infonce", "none"] = Field(
         "bilinear", description="bilinear: UniCDR's discriminator between specific and shared; infonce")
     contrastive_weight: float = Field(0.6, ge=0, le=1, description="loss = (1-w) rec + w contrastive "

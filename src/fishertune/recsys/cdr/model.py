@@ -10,7 +10,7 @@ The user in domain ``d`` is ``specific + shared`` (UniCDR's Eq. 13, equal weight
 by dot product.
 
 Training (per domain batch of (user, positive, negatives)): binary cross-entropy on the positive and
-its negatives, plus a contrastive term between the user's specific and shared representations:
+its negatives (UniCDR's) or a softmax over them (``rec_loss``), an optional per-item score bias, plus a contrastive term between the user's specific and shared representations:
 ``bilinear`` (UniCDR's: a per-domain bilinear discriminator told a user's own pair from a pair with
 another user's specific part, BCE) or ``infonce`` (cosine, temperature). The total is
 ``(1 - w) * rec + w * contrastive``. Contexts come with interaction masking (see ``batches``).
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fishertune.recsys.cdr.batches import CDRBatch
 from fishertune.recsys.cdr.config import CDRModelConfig
 
-__all__ = ["Aggregator", "UniCDR", "contrastive_loss"]
+__all__ = ["Aggregator", "UniCDR", "contrastive_loss", "rec_loss"]
 
 
 class Aggregator(nn.Module):
@@ -86,6 +86,22 @@ class BilinearCritic(nn.Module):
         return ((x1 @ self.weight) * x2).sum(-1) + self.bias
 
 
+def rec_loss(kind: str, pos: Tensor, neg: Tensor) -> Tensor:
+    """The recommendation term from ``B`` positive and ``B x K`` negative logits.
+
+    ``bce``: ``BCE(pos, 1) + BCE(neg, 0)``, each averaged (UniCDR's); ``softmax``: the cross-entropy of
+    the positive among its ``1 + K`` candidates (a sampled softmax: every negative competes with the
+    positive, so one step moves the ranking more than ``K`` independent binary terms).
+    """
+    if kind == "bce":
+        return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+                + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+    if kind == "softmax":
+        logits = torch.cat([pos[:, None], neg], 1)
+        return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+    raise ValueError(f"unknown rec_loss {kind!r}; choose bce or softmax")
+
+
 def contrastive_loss(kind: str, specific: Tensor, shared: Tensor, critic: nn.Module | None,
                      shift: int, temperature: float) -> Tensor:
     """The term tying a user's specific and shared representations.
@@ -123,20 +139,25 @@ class UniCDR(nn.Module):
             if cfg.contrastive == "bilinear" else None
         self.shared_user = nn.Embedding(n_users, dim)
         self.shared_agg = Aggregator(dim, cfg.aggregator, cfg.lambda_a, cfg.dropout)
+        self.item_bias = nn.ParameterDict({d: nn.Parameter(torch.zeros(n)) for d, n in zip(domains, n_items)}) \
+            if cfg.item_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for emb in [*self.item_emb.values(), *self.specific_user.values(), self.shared_user]:
-            nn.init.normal_(emb.weight, std=0.1)
+            nn.init.normal_(emb.weight, std=self.cfg.init_std)
             if emb.padding_idx is not None:
                 with torch.no_grad():
                     emb.weight[emb.padding_idx].zero_()
+        if self.item_bias is not None:
+            for b in self.item_bias.values():
+                nn.init.zeros_(b)
 
     @staticmethod
     def parameter_groups() -> dict[str, list[str]]:
         """FisherTune groups by parameter-name glob: what domains share vs what belongs to one domain."""
         return {"shared": ["shared_user.*", "shared_agg.*"],
-                "specific": ["item_emb.*", "specific_user.*", "specific_agg.*", "critic.*"]}
+                "specific": ["item_emb.*", "item_bias.*", "specific_user.*", "specific_agg.*", "critic.*"]}
 
     # -- representations ---------------------------------------------------------------------------
 
@@ -168,14 +189,18 @@ class UniCDR(nn.Module):
 
     # -- training and scoring ----------------------------------------------------------------------
 
+    def _bias(self, d: int, items: Tensor) -> Tensor | float:
+        """The items' score offsets (0 without ``item_bias``)."""
+        return 0.0 if self.item_bias is None else self.item_bias[self.domains[d]][items]
+
     def loss_terms(self, batch: CDRBatch, shift: int = 1) -> dict[str, Tensor]:
         """``{"loss", "rec", "contrastive"}`` for one domain batch; ``shift`` picks the critic's negatives."""
         specific, shared = self.user_parts(batch)
         user = specific + shared
-        pos = (user * self.item_repr(batch.domain, batch.pos)).sum(-1).float()
-        neg = torch.einsum("bd,bkd->bk", user, self.item_repr(batch.domain, batch.neg)).float()
-        rec = (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
-               + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+        d = batch.domain
+        pos = ((user * self.item_repr(d, batch.pos)).sum(-1) + self._bias(d, batch.pos)).float()
+        neg = (torch.einsum("bd,bkd->bk", user, self.item_repr(d, batch.neg)) + self._bias(d, batch.neg)).float()
+        rec = rec_loss(self.cfg.rec_loss, pos, neg)
         critic = self.critic[self.domains[batch.domain]] if self.critic is not None else None
         con = contrastive_loss(self.cfg.contrastive, specific, shared, critic, shift, self.cfg.temperature)
         w = self.cfg.contrastive_weight
@@ -189,4 +214,5 @@ class UniCDR(nn.Module):
         """``B x n_items`` scores of every item of the batch's domain."""
         d = batch.domain
         table = self.item_emb[self.domains[d]].weight[: self.n_items[d]]
-        return self.user_repr(batch) @ table.T
+        scores = self.user_repr(batch) @ table.T
+        return scores if self.item_bias is None else scores + self.item_bias[self.domains[d]]
