@@ -40,9 +40,16 @@ class NextItem(nn.Module):
 
 def sasrec_task_from_model(model, split, eval_cfg, *, calib_users: int = 1024, calib_batch: int = 64,
                            seed: int = 0, stage: str = "test", latency_batch: int = 256,
-                           device: str = "cpu") -> LayerTask:
+                           calib_metric: str = "loss", device: str = "cpu") -> LayerTask:
     """Calibration: the training sequences of ``calib_users`` seeded users (next-item cross-entropy
-    over all items at every position); evaluation: ``stage`` of the split with ``eval_cfg``."""
+    over all items at every position); evaluation: ``stage`` of the split with ``eval_cfg``.
+
+    ``calib_metric`` is what the ablation analysers score: ``"loss"`` (minus that cross-entropy) or
+    ``"valid"`` (NDCG@10 on the validation stage: held-out targets, never the evaluation stage)."""
+    if calib_metric not in ("loss", "valid"):
+        raise ValueError(f"calib_metric must be 'loss' or 'valid', got {calib_metric!r}")
+    if calib_metric == "valid" and stage == "valid":
+        raise ValueError("calib_metric='valid' needs an evaluation stage other than 'valid'")
     from fishertune.recsys.experiment import evaluate_model
 
     model = model.to(device).eval()
@@ -63,10 +70,15 @@ def sasrec_task_from_model(model, split, eval_cfg, *, calib_users: int = 1024, c
     def eval_metric(m: nn.Module) -> float:
         return float(evaluate_model(m.m, split, stage, eval_cfg, device=device)["ndcg@10"])
 
+    def valid_metric(m: nn.Module) -> float:
+        return float(evaluate_model(m.m, split, "valid", eval_cfg, device=device)["ndcg@10"])
+
     lat = batches[0][0][:latency_batch]
     return LayerTask(wrapper, batches, likelihood="categorical", eval_metric=eval_metric, metric_name="ndcg@10",
+                     calib_metric=valid_metric if calib_metric == "valid" else None,
                      token_mask=lambda batch: batch[0] > 0, latency_inputs=(lat, True), spec="sasrec",
-                     info={"calib": f"training sequences of {len(users)} users (seed {seed})",
+                     info={"calib": f"training sequences of {len(users)} users (seed {seed})"
+                                    + ("; ablations score validation NDCG@10" if calib_metric == "valid" else ""),
                            "eval": f"{stage} stage, full ranking", "latency": f"scoring {len(lat)} sequences (last position)"})
 
 
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default="cpu", help="device for calibration and evaluation (e.g. cuda)")
     p.add_argument("--latency-device", default="cpu", help="device the latency is timed on (default cpu)")
+    p.add_argument("--calib-metric", default="loss", choices=["loss", "valid"],
+                   help="sasrec: what ablations score (calibration loss, or validation NDCG@10)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.which == "minilm":
@@ -107,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.run_dir:
             p.error("sasrec needs --run-dir (train first: fishertune train configs/beauty-sasrec.yaml --run-dir DIR)")
-        task = sasrec_task(args.run_dir, calib_users=args.calib or 1024, device=args.device)
+        task = sasrec_task(args.run_dir, calib_users=args.calib or 1024, calib_metric=args.calib_metric,
+                           device=args.device)
         counts = [1]
     if args.remove:
         counts = [int(k) for k in args.remove.split(",")]

