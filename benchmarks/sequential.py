@@ -20,7 +20,6 @@ Run (data through ``FISHERTUNE_DATA``; reads ``seq/Beauty.txt``, or ``Sports_and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -154,10 +154,6 @@ def _check_unique(blocks: list[Block]) -> None:
             seen.add(m)
 
 
-def block_modules(model: nn.Module, block: Block) -> list[nn.Module]:
-    return [_get(model, m) for m in block.members]
-
-
 def block_parameters(model: nn.Module, block: Block) -> dict[str, nn.Parameter]:
     """``{qualified name: parameter}`` of a block's members."""
     out = {}

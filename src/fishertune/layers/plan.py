@@ -32,6 +32,11 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT = "fishertune.layers.plan/1"
 
 
+def blocks_to_remove(n: int, ratio: float) -> int:
+    """How many of ``n`` blocks a block-count ratio removes: ``n - floor(n / ratio)``."""
+    return n - math.floor(n / ratio + 1e-9)
+
+
 @dataclass
 class CompressionPlan:
     """Blocks to remove (``remove``, in model order) out of ``blocks``; ``target`` records how they were
@@ -79,7 +84,7 @@ class CompressionPlan:
                 raise ValueError(f"ratio must be >= 1, got {ratio}")
             target = {"ratio": float(ratio), "by": by}
             if by == "blocks":
-                k = n - math.floor(n / ratio + 1e-9)
+                k = blocks_to_remove(n, ratio)
                 chosen = importance.choose(k)
             else:
                 total = count_parameters(model)
@@ -110,7 +115,7 @@ class CompressionPlan:
             raise ValueError(f"the plan was made for blocks {self.blocks[:4]}... ({len(self.blocks)}), this model has "
                              f"{names[:4]}... ({len(names)})")
         out = model if inplace else copy.deepcopy(model)
-        return remove_blocks(out, find_blocks(out, self.block_spec), self.remove)
+        return remove_blocks(out, blocks, self.remove)  # blocks are paths: they name the copy's modules too
 
     # -- files -----------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from fishertune.layers.analysers import Importance, analyse
 from fishertune.layers.blocks import count_parameters
-from fishertune.layers.plan import CompressionPlan, measure
+from fishertune.layers.plan import CompressionPlan, blocks_to_remove, measure
 from fishertune.layers.task import LayerTask
 from fishertune.utils.io import atomic_write_json, atomic_write_text
 from fishertune.utils.progress import track
@@ -90,7 +90,7 @@ def compare_plans(task: LayerTask, methods: Sequence[str], *, counts: Sequence[i
         # greedy only needs to go as far as the largest plan
         need = max((t["count"] for t in targets if "count" in t), default=n - 1)
         if ratios:
-            need = n - 1 if by == "params" else max(n - int(n / r + 1e-9) for r in ratios)
+            need = n - 1 if by == "params" else max(blocks_to_remove(n, r) for r in ratios)
         opts["greedy"] = {"max_remove": max(1, min(need, n))}
     results = analyse(task, methods, kind=kind, options=opts)
     if out is not None:

@@ -260,7 +260,8 @@ def run_comparison(cfg: FinetuneConfig, out: str | Path, strategies: list[str] |
                 log(f"{name} draw {d}: done before, skipped")
                 continue
             result = _run_cell(cfg, task, base_state, strat, d, idx, device, out, log)
-            result.update(key=key, strategy=name, draw=d, base_acc=base["test_acc"])
+            result.update(key=key, strategy=name, draw=d, base_acc=base["test_acc"],
+                          delta=result["test_acc"] - base["test_acc"])
             atomic_write_json(cell, result)
             log(f"{name} draw {d}: test {100 * result['test_acc']:.2f} % ({100 * result['delta']:+.2f}), "
                 f"{result['trainable']:,} trainable, {result['seconds']:.1f} s; {result['message']}")
@@ -306,7 +307,6 @@ def _run_cell(cfg: FinetuneConfig, task: Task, base_state: dict[str, Tensor], st
         res["delta_entries"] = info["stored_entries"]
     res.update(test_acc=acc, seconds=seconds, n_labelled=len(idx), n_unlabelled=0 if unl is None else _len(unl),
                uses_unlabelled=strat.uses_unlabelled)
-    res["delta"] = acc - json.loads((out / "untouched.json").read_text())["test_acc"]
     return res
 
 

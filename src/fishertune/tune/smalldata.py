@@ -54,6 +54,7 @@ from fishertune.tune.fishertune import (
     engine_fisher,
 )
 from fishertune.tune.perturb import Perturbation, check_range, match_modules
+from fishertune.tune.regularize import ewc_penalty
 from fishertune.tune.strategies import (
     Rule,
     StrategyConfig,
@@ -396,6 +397,10 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
     mask = ParameterMask(model, {k: v for k, v in report.masks.items() if k in trainable}) if report.masks else None
     g = torch.Generator().manual_seed(int(seed))
     anchor0 = ({k: named[k].detach().clone() for k in trainable} if strategy.anchor is not None else None)
+    if anchor0 is not None:  # per-entry weights of the anchor term: EWC's Fisher, or 1 (L2-SP)
+        one = torch.ones((), device=device)
+        anchor_w = {k: extras.anchor_w[k] if extras.anchor_w else one for k in trainable}
+    train_params = [named[k] for k in trainable]
     pl, ent = strategy.pseudo_label, strategy.entropy
     n_unl = _len(unlabelled) if unlabelled is not None else 0
     if (pl is not None or ent is not None) and n_unl == 0:
@@ -436,9 +441,7 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
                 p = F.softmax(ulog, 1)
                 loss = loss + ent.weight * -(p * F.log_softmax(ulog, 1)).sum(1).mean()
             if anchor0 is not None and strategy.anchor.strength > 0:
-                reg = sum(((named[k] - anchor0[k]) ** 2 * (extras.anchor_w[k] if extras.anchor_w else 1.0)).sum()
-                          for k in trainable)
-                loss = loss + 0.5 * strategy.anchor.strength * reg
+                loss = loss + ewc_penalty(named, anchor_w, anchor0, strategy.anchor.strength)
             if tuner is not None:
                 loss = loss + tuner.penalty()    # EWC value (0 when off); before_step adds its gradient
                 loss_sum += loss.detach()
@@ -449,7 +452,7 @@ def _train(model: nn.Module, report: TrainableReport, strategy: StrategyConfig, 
             if tuner is not None:
                 tuner.before_step(batch_size=len(idx))   # EWC / natural gradient, masks, snapshot
             if cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_([named[k] for k in trainable], cfg.clip_grad)
+                torch.nn.utils.clip_grad_norm_(train_params, cfg.clip_grad)
             if mask is not None:
                 mask.snapshot()
             opt.step()
@@ -587,11 +590,7 @@ def _prepare(model: nn.Module, base_state: Mapping[str, Tensor], strategy: Strat
     if strategy.fish_mask is not None:
         apply(model, strategy.model_copy(update={"fish_mask": None}))
         fisher = _fisher(model, x, y, transform, strategy.fish_mask.kind)
-    report = apply(model, strategy, fisher=fisher)
-    if bn is not None:
-        report.buffers_changed = [n for n, _ in model.named_buffers()
-                                  if n.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")]
-    return report
+    return apply(model, strategy, fisher=fisher)
 
 
 @torch.no_grad()

@@ -46,9 +46,7 @@ def cmd_cdr_train(args: argparse.Namespace) -> int:
         presets = load_presets()
         if args.preset not in presets:
             raise ValueError(f"unknown preset {args.preset!r}; presets are {', '.join(presets)}")
-        preset = dict(presets[args.preset])
-        if "train" in preset:
-            args.overrides = [f"train.{k}={v}" for k, v in preset.pop("train").items()] + list(args.overrides)
+        preset = presets[args.preset]
     cfg = load_cdr_config(args.config, args.overrides, preset=preset)
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(
         cfg.output_dir, f"{cfg.name}-{cfg.data.domains}-{args.preset or 'run'}")

@@ -140,8 +140,8 @@ def load_cdr_config(path: str | Path | None = None, overrides: Sequence[str] = (
                     preset: dict | None = None) -> CDRConfig:
     """YAML (optional) + FisherTune preset overrides (``fishertune`` keys) + ``key=value`` overrides.
 
-    A preset's keys go into ``fishertune``; it turns FisherTune on unless it says
-    ``use_fishertune: false`` (the ``baseline`` preset).
+    A preset's keys go into ``fishertune`` (its ``train`` keys into ``train``); it turns FisherTune on
+    unless it says ``use_fishertune: false`` (the ``baseline`` preset).
     ``domains=`` / ``task=`` / ``protocol=`` are shortcuts for ``data.<key>=``.
     """
     data: dict = {}
@@ -149,7 +149,8 @@ def load_cdr_config(path: str | Path | None = None, overrides: Sequence[str] = (
         data = _lift_shortcuts(read_yaml(path))
     if preset is not None:  # a preset other than baseline turns FisherTune on, whatever the YAML said
         preset = dict(preset)
+        train = preset.pop("train", None) or {}
         preset.setdefault("use_fishertune", True)
-        data = deep_merge(data, {"fishertune": preset})
+        data = deep_merge(data, {"train": train, "fishertune": preset})
     data = deep_merge(data, _lift_shortcuts(parse_overrides(overrides)))
     return validate(CDRConfig, data, source=str(path) if path else "config")

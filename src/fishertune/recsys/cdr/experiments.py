@@ -63,12 +63,12 @@ class RunSpec:
 
     def config(self) -> CDRConfig:
         presets = load_presets()
-        body = dict(presets[self.preset])
-        train = body.pop("train", None) or {}
-        extra = [f"train.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in train.items()]
-        cfg = load_cdr_config(self.config_path, [*extra, *self.overrides, f"train.seed={self.seed}",
-                                                 f"data.domains={self.domains}"], preset=body)
-        return cfg
+        return load_cdr_config(self.config_path, [*self.overrides, f"train.seed={self.seed}",
+                                                  f"data.domains={self.domains}"], preset=presets[self.preset])
+
+    def key(self, cfg: CDRConfig) -> tuple:
+        """The run's identity in the results file (see :func:`row_key`)."""
+        return (self.preset, self.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol)
 
     def run_dir(self, cfg: CDRConfig) -> Path:
         """``<results dir>/runs/<results stem>/<task>/<pair>/<protocol>/<preset>/seed<k>-<config hash>``: a
@@ -151,16 +151,18 @@ def plan_runs(presets: Sequence[str], seeds: int, domains: Sequence[str] | None,
             for d in domains for p in presets for s in range(seeds)]
 
 
-def run_one(spec: RunSpec, threads: int | None = None, echo: bool = True) -> dict[str, Any] | None:
-    """Train one run (resuming its directory) and append its row; ``None`` if it was already there."""
+def run_one(spec: RunSpec, threads: int | None = None, echo: bool = True,
+            cfg: CDRConfig | None = None) -> dict[str, Any] | None:
+    """Train one run (resuming its directory) and append its row; ``None`` if it was already there.
+    ``cfg``: the spec's resolved config when the caller has it."""
     import torch
 
     from fishertune.recsys.cdr.train import train_cdr
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = spec.config()
-    key = (spec.preset, spec.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol)
+    cfg = cfg or spec.config()
+    key = spec.key(cfg)
     if any(row_key(r) == key for r in read_results(spec.results)):
         return None
     run_dir = spec.run_dir(cfg)
@@ -187,17 +189,12 @@ def run_experiments(targets: Sequence[str], config_path: str | None = None, seed
     """Run what is not in ``results`` yet; return every row of the results file for the planned runs."""
     presets = resolve_presets(targets)
     specs = plan_runs(presets, seeds, domains, config_path, overrides, results)
-    for spec in specs:  # validate every config before the first long run
-        spec.config()
+    cfgs = {spec: spec.config() for spec in specs}  # validate every config before the first long run
     done = {row_key(r) for r in read_results(results)}
-    todo = []
-    for spec in specs:
-        cfg = spec.config()
-        if (spec.preset, spec.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol) not in done:
-            todo.append(spec)
+    todo = [spec for spec in specs if spec.key(cfgs[spec]) not in done]
     if jobs <= 1:
         for spec in todo:
-            row = run_one(spec)
+            row = run_one(spec, cfg=cfgs[spec])
             if on_row is not None:
                 on_row(spec, row)
     else:
@@ -210,8 +207,5 @@ def run_experiments(targets: Sequence[str], config_path: str | None = None, seed
                 spec, row = fut.result()
                 if on_row is not None:
                     on_row(spec, row)
-    wanted = set()
-    for spec in specs:
-        cfg = spec.config()
-        wanted.add((spec.preset, spec.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol))
+    wanted = {spec.key(cfg) for spec, cfg in cfgs.items()}
     return [r for r in read_results(results) if row_key(r) in wanted]

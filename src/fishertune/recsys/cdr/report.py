@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fishertune.recsys.viz._common import new_figure
 from fishertune.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -610,16 +611,6 @@ def print_summary(rows: Iterable[Mapping[str, Any]], console: Any = None, baseli
 # -- figures -------------------------------------------------------------------------------------------
 
 
-def _figure(w: float, h: float):
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h))
-
-
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # margins are set by _layout: "tight" would draw twice
@@ -648,7 +639,7 @@ def _bar_chart(frame: pd.DataFrame, metric: str, presets: Sequence[str], split: 
     groups = _order(zip(frame["task"], frame["domains"], frame["protocol"], frame["domain"]))
     colors = _colors(presets)
     width = 0.8 / max(1, len(presets))
-    fig = _figure(max(5.0, 1.1 + len(groups) * (0.35 + 0.22 * len(presets))), 3.6 + 0.2 * math.ceil(len(presets) / 5))
+    fig = new_figure(max(5.0, 1.1 + len(groups) * (0.35 + 0.22 * len(presets))), 3.6 + 0.2 * math.ceil(len(presets) / 5))
     ax = fig.add_subplot(1, 1, 1)
     for j, p in enumerate(presets):
         xs, ys, es = [], [], []
@@ -736,7 +727,7 @@ def _curves_chart(sel: Sequence[dict[str, Any]], presets: Sequence[str], colors:
     if not rows:
         return None
     ncols = max(len(r) for r in rows)
-    fig = _figure(3.6 * ncols, 2.5 * len(rows) + 0.5 + 0.2 * math.ceil(len(presets) / 5))
+    fig = new_figure(3.6 * ncols, 2.5 * len(rows) + 0.5 + 0.2 * math.ceil(len(presets) / 5))
     shown: list[str] = []
     counts: dict[str, int] = {}
     for i, panels in enumerate(rows):
@@ -782,7 +773,7 @@ def _valid_chart(sel: Sequence[dict[str, Any]], presets: Sequence[str], domains:
             panels.append((d, lines))
     if not panels:
         return None
-    fig = _figure(4.2 * len(panels), 3.2 + 0.2 * math.ceil(len(presets) / 5))
+    fig = new_figure(4.2 * len(panels), 3.2 + 0.2 * math.ceil(len(presets) / 5))
     counts: dict[str, int] = {}
     for k, (d, lines) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
@@ -831,7 +822,7 @@ def _hist_chart(sel: Sequence[dict[str, Any]], presets: Sequence[str], colors: M
             panels.append((g, lines))
     if not panels:
         return None
-    fig = _figure(4.2 * len(panels), 3.2 + 0.2 * math.ceil(len(presets) / 5))
+    fig = new_figure(4.2 * len(panels), 3.2 + 0.2 * math.ceil(len(presets) / 5))
     seen: dict[str, int] = {}
     for k, (g, lines) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
@@ -871,7 +862,7 @@ def _quantile_chart(ft: pd.DataFrame, presets: Sequence[str], colors: Mapping[st
     ncols = min(len(quantities), 4)
     nrows = math.ceil(len(quantities) / ncols)
     panel_w = max(2.6, 0.9 + 0.5 * len(groups) * max(1, len(presets)) ** 0.5)
-    fig = _figure(panel_w * ncols + 0.6, 2.7 * nrows + 0.3 + 0.2 * math.ceil(len(presets) / 5))
+    fig = new_figure(panel_w * ncols + 0.6, 2.7 * nrows + 0.3 + 0.2 * math.ceil(len(presets) / 5))
     width = 0.8 / max(1, len(presets))
     for k, quantity in enumerate(quantities):
         ax = fig.add_subplot(nrows, ncols, k + 1)

@@ -44,7 +44,7 @@ from fishertune.recsys.cdr.perturb import (
 from fishertune.recsys.checkpoint import CheckpointError
 from fishertune.recsys.evaluate import evaluate_full, evaluate_sampled
 from fishertune.recsys.rundir import RunDir
-from fishertune.recsys.train import NonFiniteLossError, resolve_device
+from fishertune.recsys.train import NonFiniteLossError, _cpu_state, resolve_device
 from fishertune.tune import FisherTuner
 from fishertune.utils.progress import track
 
@@ -212,10 +212,6 @@ def _plain_row(row: Any) -> dict[str, Any]:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 
 from fishertune.recsys.data.types import IdMap, Split
 
-__all__ = ["new_figure", "save_png", "lookup_id", "item_labels", "item_titles", "prepared", "py"]
+__all__ = ["new_figure", "save_png", "lookup_id", "item_labels", "item_titles", "py", "stage_rows"]
 
 
 def new_figure(width: float, height: float) -> Any:
@@ -87,9 +87,8 @@ def item_labels(split: Split, items: np.ndarray, titles: dict[Any, str] | None =
     return out
 
 
-def prepared(run: Any) -> Any:
-    """The run's model ready to score: sequential models get their sequences from the split."""
-    prepare = getattr(run.model, "prepare", None)
-    if callable(prepare) and not getattr(run.model, "prepared", True):
-        prepare(run.split)
-    return run.model
+def stage_rows(split: Split, stage: str) -> Any:
+    """The user-item rows a stage scores from: the training rows, or a stage's input rows."""
+    if stage == "train":
+        return split.train
+    return split.stage(stage)[0]

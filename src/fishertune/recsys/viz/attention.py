@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fishertune.recsys.data.types import Split
-from fishertune.recsys.viz._common import item_labels, lookup_id, new_figure, py, save_png
+from fishertune.recsys.viz._common import item_labels, lookup_id, new_figure, py, save_png, stage_rows
 
 __all__ = ["UserAttention", "attention_weights", "user_attention", "plot_attention", "attention_summary",
            "plot_attention_summary", "require_sequential"]
@@ -49,12 +49,6 @@ def attention_weights(model: Any, seqs: Tensor) -> Tensor:
     return torch.stack(maps, dim=1).float()
 
 
-def _stage_rows(split: Split, stage: str) -> Any:
-    if stage == "train":
-        return split.train
-    return split.stage(stage)[0]
-
-
 @dataclass
 class UserAttention:
     """One user's attention maps over the real (non-padding) positions of the scored sequence."""
@@ -72,7 +66,7 @@ def user_attention(model: Any, split: Split, user: str | int, stage: str = "test
     """Attention of every layer and head for the user with original ID ``user`` at ``stage``."""
     require_sequential(model)
     u = lookup_id(split.user_ids, user, "user")
-    rows = _stage_rows(split, stage)
+    rows = stage_rows(split, stage)
     if rows[u].nnz == 0:
         raise ValueError(f"user {user} has no history in the {stage} stage: nothing to attend to")
     device = model.device()
@@ -134,7 +128,7 @@ def attention_summary(model: Any, split: Split, stage: str = "test", n_users: in
       (the diagonal) and ``pad_mass`` (weight on padding).
     """
     require_sequential(model)
-    rows = _stage_rows(split, stage)
+    rows = stage_rows(split, stage)
     users = np.flatnonzero(np.diff(rows.indptr) > 0)
     if users.size == 0:
         raise ValueError(f"no user has a history in the {stage} stage")

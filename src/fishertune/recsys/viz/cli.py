@@ -76,10 +76,9 @@ def _safe(value: object) -> str:
 
 def _load(args: argparse.Namespace):
     from fishertune.recsys.runs import load_run
-    from fishertune.recsys.viz._common import item_titles, prepared
+    from fishertune.recsys.viz._common import item_titles
 
-    run = load_run(args.run_dir)
-    prepared(run)
+    run = load_run(args.run_dir)  # prepared to score: sequential models hold their sequences
     return run, item_titles(run.cfg.data.name)
 
 

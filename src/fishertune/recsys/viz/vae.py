@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fishertune.recsys.data.types import Split
-from fishertune.recsys.viz._common import item_labels, lookup_id, new_figure, py, save_png
+from fishertune.recsys.viz._common import item_labels, lookup_id, new_figure, py, save_png, stage_rows
 
 __all__ = ["latent_means", "project_2d", "LatentView", "latent_view", "plot_latent", "Reconstruction",
            "reconstruction", "plot_reconstruction", "item_vectors", "similar_items", "plot_similar_items",
@@ -32,12 +32,6 @@ def require_vae(model: Any, what: str = "this view") -> None:
     if getattr(model, "name", None) != "multvae":
         raise ValueError(f"{what} needs a Mult-VAE run (model multvae); this run trains "
                          f"'{getattr(model, 'name', type(model).__name__)}'")
-
-
-def _rows(split: Split, stage: str) -> Any:
-    if stage == "train":
-        return split.train
-    return split.stage(stage)[0]
 
 
 @torch.no_grad()
@@ -94,7 +88,7 @@ def latent_view(model: Any, split: Split, stage: str = "train", method: str = "p
                 seed: int = 0) -> LatentView:
     """The posterior means of (a seeded sample of up to ``max_users``) users with a row at ``stage``."""
     require_vae(model, "the latent view")
-    rows = _rows(split, stage)
+    rows = stage_rows(split, stage)
     users = np.flatnonzero(np.diff(rows.indptr) > 0)
     if users.size > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
@@ -146,7 +140,7 @@ def reconstruction(model: Any, split: Split, user: str | int, stage: str | None 
     u = lookup_id(split.user_ids, user, "user")
     stages = [stage] if stage else ["test", "valid", "train"]
     for st in stages:
-        rows = _rows(split, st)
+        rows = stage_rows(split, st)
         if rows[u].nnz:
             break
     else:
