@@ -40,6 +40,19 @@ def write_files(tmp_path: Path, n_users: int = 25, n_items: int = 40, n_neg: int
     return seq_path, neg_path
 
 
+def user_scorer(model, split):
+    """``score_user(user_id, history_ids) -> {item_id: score}`` for :func:`brute_force`, one user at a time."""
+
+    def score_user(user: int, history: list[int]) -> dict[int, float]:
+        u = int(split.user_ids.to_index([user])[0])
+        row = torch.zeros(1, split.n_items)
+        row[0, split.item_ids.to_index(history)] = 1.0
+        with torch.no_grad():
+            s = model.score(torch.tensor([u]), row)[0].numpy()
+        return dict(zip(split.item_ids.ids.tolist(), s.tolist()))
+    return score_user
+
+
 def brute_force(seq_path: Path, neg_path: Path, score_user, stage: str, ks=(1, 5, 10)) -> dict[str, float]:
     """Per user straight from the text files: history = all but the last (test) or last two (valid)
     items, target = the next one, rank = 1 + #negatives scoring >= the target; mean over users."""
@@ -87,13 +100,7 @@ def test_sampled_protocol_with_file_negatives_matches_brute_force(tmp_path: Path
     inp, tgt = split.stage(stage)
     got = evaluate_sampled(score_fn, inp, tgt, negatives=neg, ks=(1, 5, 10))
 
-    def score_user(user: int, history: list[int]) -> dict[int, float]:
-        u = int(split.user_ids.to_index([user])[0])
-        row = torch.zeros(1, split.n_items)
-        row[0, split.item_ids.to_index(history)] = 1.0
-        with torch.no_grad():
-            s = model.score(torch.tensor([u]), row)[0].numpy()
-        return dict(zip(split.item_ids.ids.tolist(), s.tolist()))
+    score_user = user_scorer(model, split)
 
     want = brute_force(seq_path, neg_path, score_user, stage)
     assert got["n_users"] == 25
@@ -188,13 +195,7 @@ def test_dataset_negatives_through_the_experiment_evaluator(tmp_path: Path, monk
     model.prepare(split)
     model.eval()
 
-    def score_user(user: int, history: list[int]) -> dict[int, float]:
-        u = int(split.user_ids.to_index([user])[0])
-        row = torch.zeros(1, split.n_items)
-        row[0, split.item_ids.to_index(history)] = 1.0
-        with torch.no_grad():
-            s = model.score(torch.tensor([u]), row)[0].numpy()
-        return dict(zip(split.item_ids.ids.tolist(), s.tolist()))
+    score_user = user_scorer(model, split)
 
     for stage in ("valid", "test"):
         cfg = EvalConfig(protocol="sampled", negatives="dataset", ks=[1, 5, 10], metrics=["hr", "ndcg", "mrr"])
