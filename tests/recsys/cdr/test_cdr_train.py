@@ -18,7 +18,7 @@ from fishertune.recsys.cdr.experiments import read_results, run_experiments
 from fishertune.recsys.cdr.train import build_context, evaluate_stage, train_cdr
 
 ROW_KEYS = {"preset", "seed", "task", "domains", "protocol", "selection", "config", "run_dir", "metrics",
-            "best_epoch", "epochs_run", "time_per_epoch_s", "fisher_time_s", "active_ratio", "history",
+            "best_epoch", "epochs_run", "stop_reason", "time_per_epoch_s", "fisher_time_s", "active_ratio", "history",
             "fisher_summary", "importance_hist"}
 
 
@@ -67,6 +67,7 @@ def test_baseline_trains_and_writes_run_dir(cdr_root, tmp_path):
     cfg = _cfg("train.epochs=3")
     res = train_cdr(cfg, tmp_path / "run", echo=False)
     assert res["epochs_run"] == 3 and res["protocol"] == "sampled" and res["selection"] == "validation"
+    assert res["stop_reason"] == "epochs"
     assert 1 <= res["best_epoch"] <= 3
     for dom in ("aa", "bb"):
         for stage in ("valid", "test", "test_full"):
@@ -100,6 +101,16 @@ def test_resume_equals_uninterrupted(cdr_root, tmp_path):
     resumed = train_cdr(_cfg("train.epochs=3"), tmp_path / "b", echo=False)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["metrics"] == full["metrics"]
+
+
+def test_time_limit_stops_and_tests_the_best_epoch(cdr_root, tmp_path):
+    """A budget spent after the first epoch ends training there; the row says why and is complete."""
+    res = train_cdr(_cfg("train.epochs=5", "train.time_limit_s=1e-9"), tmp_path / "t", echo=False)
+    assert res["epochs_run"] == 1 and res["stop_reason"] == "time_limit" and res["best_epoch"] == 1
+    assert all(math.isfinite(v) for v in res["metrics"]["aa"]["test"].values())
+    assert "time limit" in (tmp_path / "t" / "train.log").read_text()
+    stopped = train_cdr(_cfg("train.epochs=50", "train.patience=1"), None, echo=False)
+    assert stopped["stop_reason"] == "early_stop" and stopped["epochs_run"] < 50
 
 
 def test_protocol_original_is_labelled(cdr_root, tmp_path):

@@ -86,6 +86,9 @@ class CDRTrainConfig(StrictModel):
     amp: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on CPU)")
     checkpoint_every: int = Field(1, ge=0, description="epochs between checkpoints (0: only at the end)")
     fisher_batches: int = Field(4, ge=1, description="training batches per domain for FisherTune's Fisher")
+    time_limit_s: float | None = Field(None, gt=0, description="wall-clock budget of the training loop: once "
+                                       "an epoch ends past it, training stops and the best epoch so far is "
+                                       "tested (the row says stop_reason: time_limit)")
 
 
 class CDREvalConfig(StrictModel):

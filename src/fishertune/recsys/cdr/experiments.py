@@ -9,7 +9,7 @@ Row schema (``fishertune report`` reads it)::
 
     {"preset", "seed", "task", "domains", "protocol", "selection", "config", "run_dir",
      "metrics": {domain: {"test": {...}, "valid": {...}, "test_full": {...}}},
-     "best_epoch", "epochs_run", "time_per_epoch_s", "fisher_time_s", "active_ratio",
+     "best_epoch", "epochs_run", "stop_reason", "time_per_epoch_s", "fisher_time_s", "active_ratio",
      "history": [...], "fisher_summary": {...}, "importance_hist": {...}}
 """
 
