@@ -333,7 +333,9 @@ def summarize(out: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
         am, as_ = _mean_std(acc)
         dm, ds = _mean_std(delta)
         table.append({"strategy": name, "draws": len(cells), "acc_mean": am, "acc_std": as_, "delta_mean": dm,
-                      "delta_std": ds, "trainable": cells[0]["trainable"], "share": cells[0]["share"],
+                      # FisherTune's count (ever selected) varies by draw: the mean over draws
+                      "delta_std": ds, "trainable": round(sum(c["trainable"] for c in cells) / len(cells)),
+                      "share": sum(c["share"] for c in cells) / len(cells),
                       "seconds": sum(c["seconds"] for c in cells) / len(cells),
                       "kept_base": sum(bool(c["kept_base"]) for c in cells),
                       "uses_unlabelled": cells[0].get("uses_unlabelled", False),
@@ -377,12 +379,24 @@ def _plot(path: Path, table: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = table[0]["acc_mean"]
     ax.axhline(100 * base, color="grey", ls="--", lw=1, label="untouched")
+    same_x: dict[int, list[dict[str, Any]]] = {}  # strategies training the same parameters (e.g. all of them)
     for r in table[1:]:
-        x = max(r["trainable"], 1)
-        ax.errorbar([x], [100 * r["acc_mean"]], yerr=[100 * r["acc_std"]], fmt="o", capsize=3,
-                    mfc="white" if r["uses_unlabelled"] else None)
-        ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        same_x.setdefault(max(r["trainable"], 1), []).append(r)
+    for x0, group in same_x.items():
+        group.sort(key=lambda r: -r["acc_mean"])
+        for i, r in enumerate(group):  # spread the group a little along x, labels stacked by accuracy
+            x = x0 * 1.12 ** (i - (len(group) - 1) / 2)
+            ax.errorbar([x], [100 * r["acc_mean"]], yerr=[100 * r["acc_std"]], fmt="o", capsize=3,
+                        mfc="white" if r["uses_unlabelled"] else None)
+            if len(group) == 1:
+                ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, textcoords="offset points",
+                            xytext=(6, 3))
+            else:  # a column of labels right of the group, a thin line to each point
+                ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, textcoords="offset points",
+                            xytext=(30 + 8 * (len(group) - 1 - i), 30 - 11 * i), va="center",
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
     ax.set_xscale("log")
+    ax.set_xlim(min(same_x) / 3, max(same_x) * 30)  # room for the label columns
     ax.set_xlabel("trainable parameters (log; label-free strategies at 1)")
     ax.set_ylabel("test accuracy % (mean ± std over draws)")
     ax.legend(loc="best", fontsize=8)

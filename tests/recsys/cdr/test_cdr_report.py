@@ -62,7 +62,8 @@ def _row(preset: str, seed: int) -> dict:
     row = {"preset": preset, "seed": seed, **SETTING, "config": {"use_fishertune": tuned, "lr": 1e-3, "seed": seed},
            "run_dir": f"runs/{preset}-{seed}", "metrics": _metrics(preset, seed), "best_epoch": 3, "epochs_run": 4,
            "time_per_epoch_s": TIME[preset][seed], "fisher_time_s": 0.5 if tuned else None,
-           "active_ratio": 0.35 if tuned else None, "history": history}
+           "active_ratio": 0.35 if tuned else None, "history": history,
+           "stop_reason": "time_limit" if tuned and seed == 0 else "early_stop"}
     if tuned:
         # the tuner's flat shape: <quantity>_<stat>
         row["fisher_summary"] = {g: {"fisher_mean": 2.0 + seed, "fisher_q10": 0.1, "fisher_q50": 0.5 + seed,
@@ -175,6 +176,9 @@ def test_timing_ratio_and_fisher_summary(rows):
     assert timing.loc["default", "time_per_epoch_s_std"] == pytest.approx(0.1)
     assert timing.loc["default", "ratio_to_baseline"] == pytest.approx(1.3 / 1.1)
     assert math.isnan(timing.loc["baseline", "fisher_time_s_mean"])  # null for the baseline: tolerated
+    n_default = sum(r["preset"] == "default" for r in rows)
+    assert timing.loc["default", "stopped"] == f"{n_default - 1} early_stop, 1 time_limit"
+    assert timing_table(_minimal()).loc[0, "stopped"] == ""  # rows without stop_reason
     ft = fisher_table(rows)
     assert set(ft["preset"]) == {"default"} and list(ft.columns[-6:]) == ["mean", "q10", "q50", "q90", "max", "value"]
     shared = ft[ft["group"] == "shared"].set_index("quantity")

@@ -65,7 +65,7 @@ _OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "task": (str,), "protocol": (str,), "run_dir": (str,), "config": (Mapping,), "history": (list,),
     "fisher_summary": (Mapping,), "importance_hist": (Mapping,), "best_epoch": (int, float),
     "epochs_run": (int, float), "time_per_epoch_s": (int, float), "fisher_time_s": (int, float),
-    "active_ratio": (int, float),
+    "active_ratio": (int, float), "stop_reason": (str,),
 }
 
 
@@ -440,9 +440,11 @@ def timing_table(rows: Iterable[Mapping[str, Any]], baseline: str = "baseline") 
                                         if base_t and not math.isnan(base_t) else math.nan)
             for k in keys[1:]:
                 rec[f"{k}_mean"] = _mean(vals[k])
+            reasons = [r["stop_reason"] for r in sel if r.get("stop_reason")]
+            rec["stopped"] = ", ".join(f"{reasons.count(x)} {x}" for x in sorted(set(reasons)))
             out.append(rec)
     return pd.DataFrame(out, columns=[*SETTING, "preset", "n", "time_per_epoch_s_mean", "time_per_epoch_s_std",
-                                      "ratio_to_baseline", *(f"{k}_mean" for k in keys[1:])])
+                                      "ratio_to_baseline", *(f"{k}_mean" for k in keys[1:]), "stopped"])
 
 
 _STAT = re.compile(r"^(?:(.*)_)?(mean|max|min|std|q\d+(?:\.\d+)?)$")
@@ -1257,16 +1259,19 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequ
         doc.p("No time_per_epoch_s in the results.")
     else:
         t = _Table(["setting", "preset", "n", "s / epoch", f"× {baseline}", "Fisher s", "epochs run", "best epoch",
-                    "active ratio"], [], left=2)
+                    "active ratio", "stopped by"], [], left=2)
         for _, r in timing.iterrows():
             t.rows.append([lab(r["task"], r["domains"], r["protocol"]), r["preset"], str(r["n"]),
                            _mean_std(r["time_per_epoch_s_mean"], r["time_per_epoch_s_std"], r["n"], 3),
                            _fmt(r["ratio_to_baseline"], 2), _fmt(r["fisher_time_s_mean"], 2),
                            _fmt(r["epochs_run_mean"], 1), _fmt(r["best_epoch_mean"], 1),
-                           "–" if math.isnan(r["active_ratio_mean"]) else f"{100 * r['active_ratio_mean']:.1f}%"])
+                           "–" if math.isnan(r["active_ratio_mean"]) else f"{100 * r['active_ratio_mean']:.1f}%",
+                           r["stopped"] or "–"])
         doc.table(t)
         doc.p(f"× {baseline}: mean time per epoch over the baseline's in the same setting (the target for "
-              f"FisherTune is ≤ 1.2×). Fisher s: time spent estimating Fisher / DR-FIM in the run.")
+              f"FisherTune is ≤ 1.2×). Fisher s: time spent estimating Fisher / DR-FIM in the run. Stopped by: "
+              f"early_stop (patience), epochs (the last epoch), time_limit (train.time_limit_s: a run cut "
+              f"short, its best epoch tested; not converged if its best epoch is its last).")
 
     doc.h(2, "Thresholds and active ratio over epochs")
     any_curve = False
