@@ -6,7 +6,12 @@ data loading (the same steps on batches made beforehand). Target: FisherTune <= 
 
 FisherTune's epoch = masked training steps + its Fisher estimate (two passes over ``fisher_batches``
 steps, F(x) and F(x')) amortised over ``fim_update_freq`` epochs. ``--steps N`` times the first N steps
-of an epoch and scales to a full one (0: the whole epoch).
+of an epoch and scales to a full one (0: the whole epoch); ``--repeats R`` times baseline and FisherTune
+alternately R times and reports medians. The last line splits a step, with device syncs around each
+part, into forward + backward and optimizer step (with FisherTune's masks and hooks): where the
+overhead goes.
+
+    FISHERTUNE_DATA=... python benchmarks/cdr.py --device cuda --amp --steps 0 --repeats 3
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 import torch
 
 from fishertune.recsys.cdr.config import load_cdr_config
-from fishertune.recsys.cdr.train import _make_tuner, build_context
+from fishertune.recsys.cdr.train import _make_tuner, build_context, train_step
 from fishertune.tune import load_presets
 
 
@@ -26,24 +31,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _steps(ctx, opt, tuner, batches, amp: bool) -> float:
-    """Seconds for the given steps (a list of per-domain batch lists, or an iterator)."""
-    model = ctx.model
-    model.train()
+def _steps(ctx, opt, tuner, batches) -> float:
+    """Seconds for the trainer's steps on the given batches (a list of per-domain batch lists, or an iterator)."""
+    ctx.model.train()
     _sync(ctx.device)
     t0 = time.perf_counter()
     for step in batches:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and ctx.device.type == "cuda"):
-            loss = sum(model.loss_terms(b)["loss"] for b in step)
-        if tuner.enabled:
-            loss = loss + tuner.penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        tuner.before_step(len(step[0]))
-        opt.step()
-        tuner.after_step()
+        train_step(ctx, opt, tuner, step)
     _sync(ctx.device)
     return time.perf_counter() - t0
+
+
+def _step_costs(ctx, opt, tuner, batches) -> tuple[float, float]:
+    """Seconds in (forward + backward, optimizer step with the tuner's hooks) over ``batches``, each
+    part fenced by device syncs: slower than :func:`_steps` in total, but it says where the time goes."""
+    ctx.model.train()
+    marks: list[float] = []
+
+    def mark() -> None:
+        _sync(ctx.device)
+        marks.append(time.perf_counter())
+
+    fb = st = 0.0
+    for step in batches:
+        mark()
+        train_step(ctx, opt, tuner, step, after_backward=mark)
+        mark()
+        t0, t1, t2 = marks[-3:]
+        fb, st = fb + t1 - t0, st + t2 - t1
+    return fb, st
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def main() -> None:
@@ -52,6 +73,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--steps", type=int, default=40, help="steps timed per epoch (0: all)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="baseline and FisherTune timed alternately this many times; medians reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -64,41 +87,56 @@ def main() -> None:
     n = n_epoch if args.steps <= 0 else min(args.steps, n_epoch)
     scale = n_epoch / n
     gen = lambda s: torch.Generator(ctx.device).manual_seed(s)
-
-    def take(it, k):
-        return [next(it) for _ in range(k)]
-
-    # baseline: sampling on the fly, then the same steps on batches made beforehand
-    tuner = _make_tuner(ctx, 0, lambda m: None)
-    opt = tuner.make_optimizer("adam", foreach=True if ctx.device.type == "cpu" else None)
-    _steps(ctx, opt, tuner, take(ctx.sampler.epoch(gen(99)), min(3, n)), args.amp)  # warm-up (allocations, kernels)
     import itertools
-    t_base = _steps(ctx, opt, tuner, itertools.islice(ctx.sampler.epoch(gen(1)), n), args.amp) * scale
-    cached = take(ctx.sampler.epoch(gen(2)), n)
-    t_noload = _steps(ctx, opt, tuner, cached, args.amp) * scale
 
-    # FisherTune (default preset): tuning from the first epoch; Fisher estimate timed on its own
+    def epoch(seed: int):
+        return itertools.islice(ctx.sampler.epoch(gen(seed)), n)
+
+    def optimizer(tuner):
+        return tuner.make_optimizer("adam", foreach=True if ctx.device.type == "cpu" else None)
+
+    # baseline and FisherTune (default preset, tuning from the first epoch) share the model
+    base_tuner = _make_tuner(ctx, 0, lambda m: None)
+    base_opt = optimizer(base_tuner)
     ctx.cfg = ft_cfg
-    tuner = _make_tuner(ctx, 0, lambda m: None)
-    opt = tuner.make_optimizer("adam", foreach=True if ctx.device.type == "cpu" else None)
+    ft_tuner = _make_tuner(ctx, 0, lambda m: None)
+    ft_opt = optimizer(ft_tuner)
     _sync(ctx.device)
     t0 = time.perf_counter()
-    tuner.on_epoch_start(1)  # Fisher on x and x' + masks
+    ft_tuner.on_epoch_start(1)  # Fisher on x and x' + masks
     _sync(ctx.device)
     t_fisher = time.perf_counter() - t0
-    t_ft_steps = _steps(ctx, opt, tuner, itertools.islice(ctx.sampler.epoch(gen(1)), n), args.amp) * scale
+    warm = list(itertools.islice(ctx.sampler.epoch(gen(99)), min(3, n)))
+    for tuner, opt in ((base_tuner, base_opt), (ft_tuner, ft_opt)):  # allocations, kernels, optimizer state
+        _steps(ctx, opt, tuner, warm)
+    t_base, t_ft_steps = [], []
+    for r in range(args.repeats):  # alternate, so drift of the machine hits both alike
+        pair = [(t_base, base_tuner, base_opt), (t_ft_steps, ft_tuner, ft_opt)]
+        for out, tuner, opt in (pair if r % 2 == 0 else pair[::-1]):
+            out.append(_steps(ctx, opt, tuner, epoch(1 + r)) * scale)
+    t_base_m, t_ft_m = _median(t_base), _median(t_ft_steps)
+    cached = list(epoch(1000))
+    t_noload = _steps(ctx, base_opt, base_tuner, cached) * scale
+    k = min(n, 20)
+    fb_b, st_b = _step_costs(ctx, base_opt, base_tuner, cached[:k])
+    fb_f, st_f = _step_costs(ctx, ft_opt, ft_tuner, cached[:k])
     freq = ft_cfg.fishertune.fim_update_freq
-    t_ft = t_ft_steps + t_fisher / freq
-    ratio = tuner.mask.ratio()
+    t_ft = t_ft_m + t_fisher / freq
+    ratio = ft_tuner.mask.ratio()
+    ms = 1000 / k
     print(f"{base_cfg.data.task} {base_cfg.data.domains} on {ctx.device} (amp {args.amp}): {n_epoch} steps/epoch "
           f"of {base_cfg.train.batch_size} per domain, {sum(p.numel() for p in ctx.model.parameters()):,} parameters"
-          + (f", timed {n} steps and scaled" if n < n_epoch else ""))
-    print(f"  baseline epoch                 {t_base:8.3f} s")
-    print(f"  baseline epoch, no data loading {t_noload:7.3f} s  (batch sampling = {t_base - t_noload:.3f} s)")
-    print(f"  FisherTune steps (masked, {100 * ratio:.1f}% active) {t_ft_steps:8.3f} s")
+          + (f", timed {n} steps and scaled" if n < n_epoch else "")
+          + (f", median of {args.repeats} alternating repeats" if args.repeats > 1 else ""))
+    print(f"  baseline epoch                 {t_base_m:8.3f} s" + (f"  {[round(t, 3) for t in t_base]}" if args.repeats > 1 else ""))
+    print(f"  baseline epoch, no data loading {t_noload:7.3f} s  (batch sampling = {t_base_m - t_noload:.3f} s)")
+    print(f"  FisherTune steps (masked, {100 * ratio:.1f}% active) {t_ft_m:8.3f} s"
+          + (f"  {[round(t, 3) for t in t_ft_steps]}" if args.repeats > 1 else ""))
     print(f"  Fisher estimate (x and x')     {t_fisher:8.3f} s, every {freq} epochs")
     print(f"  FisherTune epoch (amortised)   {t_ft:8.3f} s")
-    print(f"  ratio FisherTune / baseline    {t_ft / t_base:8.3f}x  (target <= 1.2x)")
+    print(f"  ratio FisherTune / baseline    {t_ft / t_base_m:8.3f}x  (target <= 1.2x)")
+    print(f"  per step, synced ({k} steps): forward+backward {fb_b * ms:.2f} ms baseline / {fb_f * ms:.2f} ms "
+          f"FisherTune; optimizer step {st_b * ms:.2f} ms / with masks and hooks {st_f * ms:.2f} ms")
 
 
 if __name__ == "__main__":

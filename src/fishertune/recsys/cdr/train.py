@@ -214,6 +214,35 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
+def train_step(ctx: CDRContext, opt: torch.optim.Optimizer, tuner: FisherTuner, step_batches: list,
+               shift_gen: torch.Generator | None = None,
+               after_backward: Callable[[], None] | None = None) -> torch.Tensor:
+    """One optimiser step on a batch per domain: loss (+ FisherTune's EWC value), backward, the tuner's
+    hooks around ``opt.step()`` (masks, natural gradient, EWC gradient), gradient clipping. Returns
+    ``[loss, rec, contrastive]`` (detached, on the device: no sync). ``shift_gen`` draws the critic's
+    negative shift (``None``: shift 1); ``after_backward`` runs between backward and the step (the
+    benchmark's timer)."""
+    model = ctx.model
+    with _autocast(ctx):
+        terms = [model.loss_terms(b, shift=1 if shift_gen is None else
+                                  int(torch.randint(1, max(2, len(b)), (1,), generator=shift_gen)))
+                 for b in step_batches]
+        loss = sum(x["loss"] for x in terms)
+    if tuner.enabled:
+        loss = loss + tuner.penalty()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if after_backward is not None:
+        after_backward()
+    tuner.before_step(len(step_batches[0]))
+    if ctx.cfg.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.cfg.train.grad_clip)
+    opt.step()
+    tuner.after_step()
+    return torch.stack([loss.detach().float(), sum(x["rec"] for x in terms).float(),
+                        sum(x["contrastive"] for x in terms).float()])
+
+
 def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext | None = None,
               echo: bool = True) -> dict[str, Any]:
     """Train with early stopping on validation, test the best state, and return the results row body.
@@ -281,21 +310,7 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
         sums = torch.zeros(3, device=device)
         t0 = time.perf_counter()
         for step_batches in track(ctx.sampler.epoch(gen), f"epoch {epoch}/{t.epochs}", total=len(ctx.sampler)):
-            with _autocast(ctx):
-                terms = [model.loss_terms(b, shift=int(torch.randint(1, max(2, len(b)), (1,), generator=shift_gen)))
-                         for b in step_batches]
-                loss = sum(x["loss"] for x in terms)
-            if on:
-                loss = loss + tuner.penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            tuner.before_step(len(step_batches[0]))
-            if t.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
-            tuner.after_step()
-            sums += torch.stack([loss.detach().float(), sum(x["rec"] for x in terms).float(),
-                                 sum(x["contrastive"] for x in terms).float()])
+            sums += train_step(ctx, opt, tuner, step_batches, shift_gen)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
