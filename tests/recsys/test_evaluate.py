@@ -286,7 +286,14 @@ def test_sampled_given_negatives_are_checked() -> None:
     bad[u, 0] = np.flatnonzero(tgt[u])[0]
     with pytest.raises(ValueError, match=f"negatives are target items .*user {u}"):
         evaluate_sampled(fn, inp_csr, tgt_csr, negatives=bad)
+    # a caller that checked them once may skip the item test (not the shape and range tests)
+    unchecked = evaluate_sampled(fn, inp_csr, tgt_csr, negatives=bad, ks=(1,), check_negatives=False)
+    assert set(unchecked) >= {"hr@1", "mrr"}
+    assert (evaluate_sampled(fn, inp_csr, tgt_csr, negatives=neg, ks=(1,), check_negatives=False)
+            == evaluate_sampled(fn, inp_csr, tgt_csr, negatives=neg, ks=(1,)))
     bad[u, 0] = 30
+    with pytest.raises(ValueError, match="outside"):
+        evaluate_sampled(fn, inp_csr, tgt_csr, negatives=bad, check_negatives=False)
     with pytest.raises(ValueError, match="outside"):
         evaluate_sampled(fn, inp_csr, tgt_csr, negatives=bad)
     with pytest.raises(ValueError, match="shape"):

@@ -339,7 +339,8 @@ def sample_negatives(input: sp.spmatrix, target: sp.spmatrix, users: np.ndarray 
     return out
 
 
-def _check_negatives(negatives: Any, users: np.ndarray, inp: sp.csr_matrix, tgt: sp.csr_matrix) -> np.ndarray:
+def _check_negatives(negatives: Any, users: np.ndarray, inp: sp.csr_matrix, tgt: sp.csr_matrix,
+                     against_items: bool = True) -> np.ndarray:
     neg = np.asarray(negatives)
     n_users, n_items = inp.shape
     if neg.ndim != 2 or neg.shape[0] != n_users or not np.issubdtype(neg.dtype, np.integer):
@@ -349,6 +350,8 @@ def _check_negatives(negatives: Any, users: np.ndarray, inp: sp.csr_matrix, tgt:
     if neg.size and (neg.min() < 0 or neg.max() >= n_items):
         r, c = np.argwhere((neg < 0) | (neg >= n_items))[0]
         raise ValueError(f"negatives of user {users[r]} hold item {neg[r, c]}, outside 0..{n_items - 1}")
+    if not against_items:
+        return neg
     rows = np.repeat(np.arange(users.size), neg.shape[1])
     neg_mat = sp.csr_matrix((np.ones(neg.size, np.float32), (rows, neg.ravel())), shape=(users.size, n_items))
     clash = neg_mat.multiply(tgt[users]).tocoo()
@@ -368,7 +371,8 @@ def evaluate_sampled(score_fn: ScoreFn, input: sp.spmatrix, target: sp.spmatrix,
                      candidates: np.ndarray | Sequence[int] | None = None,
                      users: np.ndarray | Sequence[int] | None = None, batch_size: int = 1024,
                      device: str | torch.device = "cpu", distributed: bool = False,
-                     return_per_user: bool = False) -> dict[str, float] | tuple[dict[str, float], PerUser]:
+                     return_per_user: bool = False,
+                     check_negatives: bool = True) -> dict[str, float] | tuple[dict[str, float], PerUser]:
     """Rank each target item among the user's N negatives; average HR@K, NDCG@K and MRR.
 
     Negatives come from :func:`sample_negatives` (``n_negatives``, ``seed``, ``sampling``,
@@ -378,14 +382,17 @@ def evaluate_sampled(score_fn: ScoreFn, input: sp.spmatrix, target: sp.spmatrix,
     constant ``score_fn`` scores 0, not chance. A user with several targets gets the mean over them
     (each ranked against the same negatives), so every user weighs the same. With ``negatives`` given,
     ``n_negatives``, ``seed``, ``sampling`` and ``candidates`` are unused. Input items are not masked
-    here: only the target and its negatives are ranked.
+    here: only the target and its negatives are ranked. ``check_negatives=False`` skips the test of given
+    negatives against the targets and the input (a sparse product over every negative: the costly part
+    of a validation pass) for a caller that evaluates the same negatives every epoch and checked them
+    once; shape and item range are always checked.
     """
     ks, metrics, batch_size, device, inp, tgt, users = _setup(
         ks, metrics, SAMPLED_METRICS, batch_size, device, input, target, users)
     if negatives is None:
         neg = sample_negatives(inp, tgt, users, n_negatives, seed, sampling, candidates)
     else:
-        neg = _check_negatives(negatives, users, inp, tgt)
+        neg = _check_negatives(negatives, users, inp, tgt, against_items=check_negatives)
     n_items = inp.shape[1]
     names = _names(metrics, ks)
     rank_id, world = _rank_world(distributed)

@@ -15,7 +15,7 @@ from fishertune.cli import main
 from fishertune.recsys.cdr.batches import eval_batch
 from fishertune.recsys.cdr.config import load_cdr_config
 from fishertune.recsys.cdr.experiments import read_results, run_experiments
-from fishertune.recsys.cdr.train import build_context, evaluate_stage, train_cdr
+from fishertune.recsys.cdr.train import _monitor, build_context, evaluate_stage, train_cdr
 
 ROW_KEYS = {"preset", "seed", "task", "domains", "protocol", "selection", "config", "run_dir", "metrics",
             "best_epoch", "epochs_run", "stop_reason", "time_per_epoch_s", "fisher_time_s", "active_ratio", "history",
@@ -61,6 +61,17 @@ def test_sampled_evaluation_matches_brute_force(cdr_root, aggregator):
         assert got["NDCG@5"] == pytest.approx(ndcg.mean())
     full = evaluate_stage(ctx, "aa", "test", full=True)
     assert {"HR@10", "HR@20", "NDCG@10", "NDCG@20", "MRR"} <= set(full)
+
+
+def test_validation_builds_matrices_and_checks_negatives_once(cdr_root):
+    """Per-epoch validation reuses its matrices and skips the negatives' item check after the first
+    pass; the metrics are the same (evaluation contexts are seeded per stage)."""
+    ctx = build_context(_cfg())
+    first = _monitor(ctx)
+    assert ctx.negatives_checked == {("aa", "valid"), ("bb", "valid")} and set(ctx.eval_mats) == ctx.negatives_checked
+    mats = dict(ctx.eval_mats)
+    assert _monitor(ctx) == first
+    assert all(ctx.eval_mats[k] is mats[k] for k in mats)
 
 
 def test_baseline_trains_and_writes_run_dir(cdr_root, tmp_path):

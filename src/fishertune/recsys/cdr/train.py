@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,10 @@ class CDRContext:
     hist_full: Histories
     sampler: TrainSampler
     model: UniCDR
+    # per (domain, stage): the instance-level (input, target) matrices, built once; and the stages whose
+    # fixed negatives were checked against targets and histories (validation reruns skip that check)
+    eval_mats: dict[tuple[str, str], tuple] = field(default_factory=dict)
+    negatives_checked: set[tuple[str, str]] = field(default_factory=set)
 
 
 def _weights(cfg: CDRConfig, mats) -> list | None:
@@ -125,7 +129,9 @@ def evaluate_stage(ctx: CDRContext, domain: str, stage: str, full: bool = False)
     d = ctx.data.domains.index(domain)
     part = ctx.data[domain]
     src = "test" if stage == "select" else stage
-    inp, tgt = eval_matrices(part, stage)
+    if (domain, stage) not in ctx.eval_mats:
+        ctx.eval_mats[(domain, stage)] = eval_matrices(part, stage)
+    inp, tgt = ctx.eval_mats[(domain, stage)]
     users = torch.from_numpy(part.users[src]).to(ctx.device)
     hist = ctx.hist_train if stage == "valid" else ctx.hist_full
     model = ctx.model
@@ -150,7 +156,9 @@ def evaluate_stage(ctx: CDRContext, domain: str, stage: str, full: bool = False)
                                 batch_size=ev.batch_size, device=ctx.device)
         else:
             out = evaluate_sampled(make_score_fn(), inp, tgt, negatives=part.negatives[stage], ks=ev.ks,
-                                   batch_size=ev.batch_size, device=ctx.device)
+                                   batch_size=ev.batch_size, device=ctx.device,
+                                   check_negatives=(domain, stage) not in ctx.negatives_checked)
+            ctx.negatives_checked.add((domain, stage))
     finally:
         model.train(was_training)
     return _rename(out)
