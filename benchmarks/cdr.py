@@ -17,7 +17,9 @@ overhead goes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
+from statistics import median
 
 import torch
 
@@ -62,11 +64,6 @@ def _step_costs(ctx, opt, tuner, batches) -> tuple[float, float]:
     return fb, st
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/cdr/sport_cloth.yaml")
@@ -87,7 +84,6 @@ def main() -> None:
     n = n_epoch if args.steps <= 0 else min(args.steps, n_epoch)
     scale = n_epoch / n
     gen = lambda s: torch.Generator(ctx.device).manual_seed(s)
-    import itertools
 
     def epoch(seed: int):
         return itertools.islice(ctx.sampler.epoch(gen(seed)), n)
@@ -106,7 +102,7 @@ def main() -> None:
     ft_tuner.on_epoch_start(1)  # Fisher on x and x' + masks
     _sync(ctx.device)
     t_fisher = time.perf_counter() - t0
-    warm = list(itertools.islice(ctx.sampler.epoch(gen(99)), min(3, n)))
+    warm = list(itertools.islice(epoch(99), 3))
     for tuner, opt in ((base_tuner, base_opt), (ft_tuner, ft_opt)):  # allocations, kernels, optimizer state
         _steps(ctx, opt, tuner, warm)
     t_base, t_ft_steps = [], []
@@ -114,7 +110,7 @@ def main() -> None:
         pair = [(t_base, base_tuner, base_opt), (t_ft_steps, ft_tuner, ft_opt)]
         for out, tuner, opt in (pair if r % 2 == 0 else pair[::-1]):
             out.append(_steps(ctx, opt, tuner, epoch(1 + r)) * scale)
-    t_base_m, t_ft_m = _median(t_base), _median(t_ft_steps)
+    t_base_m, t_ft_m = median(t_base), median(t_ft_steps)
     cached = list(epoch(1000))
     t_noload = _steps(ctx, base_opt, base_tuner, cached) * scale
     k = min(n, 20)

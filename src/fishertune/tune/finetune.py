@@ -334,9 +334,9 @@ def summarize(out: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
         dm, ds = _mean_std(delta)
         table.append({"strategy": name, "draws": len(cells), "acc_mean": am, "acc_std": as_, "delta_mean": dm,
                       # FisherTune's count (ever selected) varies by draw: the mean over draws
-                      "delta_std": ds, "trainable": round(sum(c["trainable"] for c in cells) / len(cells)),
-                      "share": sum(c["share"] for c in cells) / len(cells),
-                      "seconds": sum(c["seconds"] for c in cells) / len(cells),
+                      "delta_std": ds, "trainable": round(_mean_std([c["trainable"] for c in cells])[0]),
+                      "share": _mean_std([c["share"] for c in cells])[0],
+                      "seconds": _mean_std([c["seconds"] for c in cells])[0],
                       "kept_base": sum(bool(c["kept_base"]) for c in cells),
                       "uses_unlabelled": cells[0].get("uses_unlabelled", False),
                       "lr": ",".join(f"{c['lr']:g}" if c["lr"] is not None else "-" for c in cells),

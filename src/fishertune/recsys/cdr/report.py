@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,8 +441,8 @@ def timing_table(rows: Iterable[Mapping[str, Any]], baseline: str = "baseline") 
                                         if base_t and not math.isnan(base_t) else math.nan)
             for k in keys[1:]:
                 rec[f"{k}_mean"] = _mean(vals[k])
-            reasons = [r["stop_reason"] for r in sel if r.get("stop_reason")]
-            rec["stopped"] = ", ".join(f"{reasons.count(x)} {x}" for x in sorted(set(reasons)))
+            reasons = Counter(r["stop_reason"] for r in sel if r.get("stop_reason"))
+            rec["stopped"] = ", ".join(f"{reasons[x]} {x}" for x in sorted(reasons))
             out.append(rec)
     return pd.DataFrame(out, columns=[*SETTING, "preset", "n", "time_per_epoch_s_mean", "time_per_epoch_s_std",
                                       "ratio_to_baseline", *(f"{k}_mean" for k in keys[1:]), "stopped"])

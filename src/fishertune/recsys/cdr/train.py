@@ -290,8 +290,7 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
            f"{dict(zip(ctx.data.domains, ctx.model.n_items))}, {n_params:,} parameters, device {device}, "
            f"{len(ctx.sampler)} steps/epoch, FisherTune {'on' if on else 'off'}, selection: {label}", flush=True)
     stopped = t.patience is not None and bad >= t.patience
-    stop_reason = "early_stop" if stopped else "epochs"
-    t_start = time.perf_counter()
+    timed_out, t_start = False, time.perf_counter()
 
     def checkpoint(finished: bool, model_state: dict[str, torch.Tensor] | None = None) -> None:
         state = {"kind": "cdr", "model": model_state if model_state is not None else model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
@@ -359,10 +358,9 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
         rd.log(f"epoch {epoch}/{t.epochs} loss {loss_v:.4f} rec {rec_v:.4f} con {con_v:.4f}{note} | "
                f"{train_seconds:.2f} s" + (f" [{label}]" if cfg.data.protocol == "original" else ""))
         if stopped:
-            stop_reason = "early_stop"
             rd.log(f"early stop: no improvement for {t.patience} evaluations")
         elif t.time_limit_s is not None and time.perf_counter() - t_start >= t.time_limit_s and epoch < t.epochs:
-            stopped, stop_reason = True, "time_limit"
+            stopped = timed_out = True
             rd.log(f"stopped: time limit of {t.time_limit_s:g} s reached after epoch {epoch}; testing the best "
                    f"epoch so far ({best_epoch})")
         if t.checkpoint_every and epoch % t.checkpoint_every == 0 and not stopped and epoch < t.epochs:
@@ -371,6 +369,7 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
             rd.write_history(history)
             rd.flush_log()
 
+    stop_reason = "time_limit" if timed_out else "early_stop" if stopped else "epochs"
     last_state = _cpu_state(model)  # the checkpoint keeps the last state: a longer rerun continues from it
     if best_state is not None:
         model.load_state_dict(best_state)
