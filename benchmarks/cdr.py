@@ -12,6 +12,9 @@ part, into forward + backward and optimizer step (with FisherTune's masks and ho
 overhead goes.
 
     FISHERTUNE_DATA=... python benchmarks/cdr.py --device cuda --amp --steps 0 --repeats 3
+
+``--profile K`` adds torch.profiler tables of K steps of each (the ops with the most self time on the
+host, and on CUDA on the device) and the kernel launches per step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from statistics import median
 import torch
 
 from fishertune.recsys.cdr.config import load_cdr_config
-from fishertune.recsys.cdr.train import _make_tuner, build_context, train_step
+from fishertune.recsys.cdr.train import _make_tuner, _monitor, build_context, train_step
 from fishertune.tune import load_presets
 
 
@@ -64,6 +67,31 @@ def _step_costs(ctx, opt, tuner, batches) -> tuple[float, float]:
     return fb, st
 
 
+def _validation(ctx) -> float:
+    """Seconds of one validation pass (both domains), as the trainer makes it after the first epoch."""
+    _monitor(ctx)               # the first pass also checks the fixed negatives
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    _monitor(ctx)
+    _sync(ctx.device)
+    return time.perf_counter() - t0
+
+
+def _profile(ctx, work, n: int, label: str, rows: int = 12) -> None:
+    """torch.profiler over ``work()`` (``n`` steps): the top ops by self time, and launches per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        work()
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"\n--- profile: {label}, {launches / n:.0f} kernel launches per step")
+    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if ctx.device.type == "cuda" else [])
+    for key in keys:
+        print(ev.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/cdr/sport_cloth.yaml")
@@ -73,6 +101,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="baseline and FisherTune timed alternately this many times; medians reported")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps of each (0: no profile)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,6 +162,12 @@ def main() -> None:
     print(f"  ratio FisherTune / baseline    {t_ft / t_base_m:8.3f}x  (target <= 1.2x)")
     print(f"  per step, synced ({k} steps): forward+backward {fb_b * ms:.2f} ms baseline / {fb_f * ms:.2f} ms "
           f"FisherTune; optimizer step {st_b * ms:.2f} ms / with masks and hooks {st_f * ms:.2f} ms")
+    print(f"  validation pass (both domains)  {_validation(ctx):7.3f} s")
+    if args.profile:
+        k = args.profile
+        _profile(ctx, lambda: _steps(ctx, base_opt, base_tuner, cached[:k]), k, f"baseline, {k} steps")
+        _profile(ctx, lambda: _steps(ctx, ft_opt, ft_tuner, cached[:k]), k, f"FisherTune, {k} steps")
+        _profile(ctx, lambda: _monitor(ctx), 1, "one validation pass")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ directly. :class:`ParameterMask` therefore does two cheap things around ``optimi
    parameters and :meth:`~ParameterMask.restore` (after ``step``) writes them back, so whatever the
    optimizer did to them is undone bit for bit.
 
-Both work on the parameters' bit patterns (the float tensor viewed as integers, AND/OR with a
-precomputed all-ones/all-zeros word per entry): exact for every value including -0.0, inf and NaN, and
-cheap (three vectorised passes, preallocated buffers, no host sync; on one CPU thread about a tenth
-of an Adam step, where boolean ``masked_fill``/``where``/index scatters cost half of one).
+Both work on the parameters' bit patterns (the float tensor viewed as integers, multiplied by a
+precomputed 0/1 word per entry, and frozen bits added back into zeroed entries): exact for every value
+including -0.0, inf and NaN. Each of the passes is one ``torch._foreach_*`` call over all masked
+parameters: on the GPU a handful of fused launches per step instead of several per parameter; on one
+CPU thread about a tenth of an Adam step, where boolean ``masked_fill``/``where``/index scatters cost half of one.
 Fully trainable parameters cost nothing. Optimizer state of frozen entries keeps evolving with zero
 gradients (Adam's moments decay), which keeps it consistent for when the entries are unfrozen again.
 """
@@ -46,7 +47,7 @@ class ParameterMask:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True)")
         # name -> bool mask (True = trainable), only for parameters with at least one frozen entry
         self._masks: dict[str, Tensor] = {}
-        self._keep: dict[str, Tensor] = {}      # integer words: all ones where trainable, 0 where frozen
+        self._keep: dict[str, Tensor] = {}      # integer words: 1 where trainable, 0 where frozen
         self._frozen: dict[str, Tensor] = {}    # the complement
         self._buf: dict[str, Tensor] = {}       # snapshot buffers (frozen bits of the values)
         self._full_frozen: set[str] = set()
@@ -81,10 +82,8 @@ class ParameterMask:
                 full.add(name)
             else:
                 itype = _int_dtype(p)
-                ones = torch.tensor(-1, dtype=itype, device=p.device)
-                zero = torch.tensor(0, dtype=itype, device=p.device)
-                keep[name] = torch.where(m, ones, zero)
-                frozen[name] = torch.where(m, zero, ones)
+                keep[name] = m.to(itype)
+                frozen[name] = (~m).to(itype)
         self._masks, self._keep, self._frozen, self._full_frozen = new_masks, keep, frozen, full
         self._active = active
         self._buf = {n: b for n, b in self._buf.items() if n in keep}
@@ -107,6 +106,7 @@ class ParameterMask:
         """Zero the gradients of frozen entries (call after ``backward``, before ``step``)."""
         for name in self._full_frozen:
             self.params[name].grad = None
+        bits, words = [], []
         for name, keep in self._keep.items():
             p = self.params[name]
             if p.grad is None:
@@ -118,16 +118,26 @@ class ParameterMask:
                 p.grad = torch.sparse_coo_tensor(g.indices(), g.values() * kept, g.shape,
                                                  check_invariants=False).coalesce()
             else:
-                p.grad.view(keep.dtype).bitwise_and_(keep)
+                bits.append(p.grad.view(keep.dtype))
+                words.append(keep)
+        if bits:
+            torch._foreach_mul_(bits, words)
 
     def snapshot(self) -> None:
         """Remember the frozen values (call just before ``optimizer.step()``)."""
-        for name, frozen in self._frozen.items():
-            p = self.params[name]
-            buf = self._buf.get(name)
-            if buf is None or buf.shape != frozen.shape or buf.device != frozen.device:
-                buf = self._buf[name] = torch.empty_like(frozen)
-            torch.bitwise_and(p.detach().view(frozen.dtype), frozen, out=buf)
+        names = list(self._frozen)
+        if names:
+            bits = [self.params[n].detach().view(self._frozen[n].dtype) for n in names]
+            words = [self._frozen[n] for n in names]
+            if bits[0].device.type == "cpu":
+                # CPU foreach ops loop over the tensors anyway: write into kept buffers, no allocation
+                for name, b, w in zip(names, bits, words):
+                    buf = self._buf.get(name)
+                    if buf is None or buf.shape != w.shape:
+                        buf = self._buf[name] = torch.empty_like(w)
+                    torch.mul(b, w, out=buf)
+            else:            # one fused launch; the caching allocator makes the fresh buffers cheap
+                self._buf = dict(zip(names, torch._foreach_mul(bits, words)))
         self._saved_full = {}
         for name in self._full_frozen:
             p = self.params[name]
@@ -140,9 +150,10 @@ class ParameterMask:
         if not self._has_snapshot:
             return
         with torch.no_grad():
-            for name, keep in self._keep.items():
-                bits = self.params[name].detach().view(keep.dtype)
-                bits.bitwise_and_(keep).bitwise_or_(self._buf[name])
+            if self._keep:
+                bits = [self.params[n].detach().view(k.dtype) for n, k in self._keep.items()]
+                torch._foreach_mul_(bits, list(self._keep.values()))      # frozen entries -> 0
+                torch._foreach_add_(bits, [self._buf[n] for n in self._keep])  # + their saved bits
             for name, val in self._saved_full.items():
                 self.params[name].copy_(val)
         self._saved_full = {}

@@ -186,3 +186,15 @@ def test_experiments_runner_schema_and_skip(cdr_root, tmp_path, monkeypatch):
     assert main(["experiments", "run", "baseline", "fishertune.fishertune_warmup=1", "--config", str(config),
                  "--results", str(results)]) == 0
     assert main(["experiments", "run", "nonsense", "--config", str(config)]) == 2
+
+
+def test_run_dir_ignores_stop_and_save_keys_only(tmp_path):
+    """A run resumes under a new time limit or checkpoint interval; any other change is a new run."""
+    from fishertune.recsys.cdr.experiments import RunSpec
+
+    spec = RunSpec("default", 0, "aa_bb", None, (), str(tmp_path / "results.jsonl"))
+    cfg = _cfg("train.epochs=3")
+    same = _cfg("train.epochs=3", "train.time_limit_s=60", "train.checkpoint_every=7")
+    other = _cfg("train.epochs=4")
+    assert spec.run_dir(cfg) == spec.run_dir(same)
+    assert spec.run_dir(cfg) != spec.run_dir(other)

@@ -48,6 +48,9 @@ QUICK_PRESETS = ("baseline", "default")
 DEFAULT_RESULTS = "runs/experiments/results.jsonl"
 DEFAULT_QUICK_CONFIG = "configs/cdr/quick.yaml"
 KEY_FIELDS = ("preset", "seed", "task", "domains", "protocol")
+# train keys that say when to stop or save, not what is trained: left out of a run directory's identity,
+# so an interrupted run resumes when they change (e.g. a time limit set for the rest of a session)
+NOT_IDENTITY = ("time_limit_s", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class RunSpec:
 
     def run_dir(self, cfg: CDRConfig) -> Path:
         """``<results dir>/runs/<results stem>/<task>/<pair>/<protocol>/<preset>/seed<k>-<config hash>``: a
-        run resumes only a directory made with the same resolved config."""
-        blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+        run resumes only a directory made with the same resolved config (``train.time_limit_s`` and
+        ``train.checkpoint_every`` aside)."""
+        config = cfg.model_dump(mode="json")
+        config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_IDENTITY}
+        blob = json.dumps(config, sort_keys=True).encode()
         tag = hashlib.sha256(blob).hexdigest()[:8]
         root = Path(self.results).parent / "runs" / Path(self.results).stem
         return (root / cfg.data.task / cfg.data.domains / cfg.data.protocol / self.preset
