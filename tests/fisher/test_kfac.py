@@ -105,3 +105,46 @@ def test_diagonal_natural_gradient():
     torch.testing.assert_close(model.weight.detach(), before - 2.0)
     with pytest.raises(ValueError, match="shape"):
         opt.set_fisher({"weight": torch.ones(3, 2)})
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "adagrad"])
+def test_rescale_moments_equals_preconditioning_from_the_start(name):
+    """Preconditioning switched on mid-run with the moments rescaled follows the run preconditioned from
+    the first step (these optimizers' updates are invariant to a constant per-entry gradient scale, up to
+    eps); switched on without the rescale it does not."""
+    from fishertune.fisher import rescale_moments
+
+    make = {"adam": lambda ps: torch.optim.Adam(ps, lr=0.01, eps=1e-30),
+            "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, eps=1e-30, weight_decay=0.0),
+            "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01, eps=1e-30),
+            "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.01, eps=1e-30)}[name]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(12)]
+    P = torch.rand(6, generator=g, dtype=torch.float64) * 1e3 + 1.0     # a jump of up to 1000x, as 1/(F+d)
+    start = torch.randn(6, generator=g, dtype=torch.float64)
+    runs = {}
+    for mode in ("always", "rescaled", "plain"):
+        p = nn.Parameter(start.clone())
+        opt = make([p])
+        for t, gr in enumerate(grads):
+            if t == 6 and mode == "rescaled":
+                assert rescale_moments(opt, {p: P}) == 1
+            p.grad = gr * P if (mode == "always" or t >= 6) else gr.clone()
+            opt.step()
+        runs[mode] = p.detach()
+    torch.testing.assert_close(runs["rescaled"], runs["always"], rtol=1e-9, atol=1e-12)
+    assert (runs["plain"] - runs["always"]).abs().max() > 1e-3
+
+
+def test_rescale_moments_scales_sgd_momentum_by_the_ratio():
+    """SGD is not scale-invariant: its momentum buffer is simply multiplied by the ratio."""
+    from fishertune.fisher import rescale_moments
+
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"].clone()
+    q = nn.Parameter(torch.zeros(3))               # no state yet: nothing to rescale
+    assert rescale_moments(opt, {p: torch.tensor([2.0, 0.5, 1.0]), q: torch.ones(3)}) == 1
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf * torch.tensor([2.0, 0.5, 1.0]))

@@ -513,3 +513,27 @@ def test_online_fisher_foreach_update_is_bit_identical():
                 ref[n].mul_(0.9).addcmul_(p.grad, p.grad, value=(1 - 0.9) * 16.0)
     for n in params:
         assert torch.equal(online.m[n], ref[n]), n
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_natural_gradient_rescales_the_optimizers_moments_at_each_fisher_update(rescale):
+    """First update: moments times 1/(F+d) (and its square); later ones: times (F_old+d)/(F_new+d)."""
+    model, tuner, data = make({"use_natural_gradient": True, "perturbation_type": "noise",
+                               "perturbation_modules": ["enc"], "natural_gradient_rescale_moments": rescale})
+    opt = tuner.make_optimizer("adam")
+    d = tuner.config.fisher_damping
+    train(model, tuner, opt, data, 2)                       # warm-up: no preconditioner yet
+    params = dict(model.named_parameters())
+    for epoch in (2, 4):                                    # Fisher updates (fim_update_freq 2)
+        old_f = None if tuner.fisher is None else {n: f.clone() for n, f in tuner.fisher.items()}
+        before = {n: (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+                  for n, p in params.items()}
+        tuner.on_epoch_start(epoch)
+        for n, p in params.items():
+            r = 1 / (tuner.fisher[n] + d) if old_f is None else (old_f[n] + d) / (tuner.fisher[n] + d)
+            if not rescale:
+                r = torch.ones_like(r)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], before[n][0] * r)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"], before[n][1] * r ** 2)
+            assert rescale == bool((r != 1).any()), n
+        train(model, tuner, opt, data, 2, start=epoch)      # its on_epoch_start(epoch) estimates nothing new

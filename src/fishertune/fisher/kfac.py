@@ -248,6 +248,38 @@ class KFACOptimizer:
             h.remove()
 
 
+# optimizer state entries that are running sums of gradients (scale with the gradient) or of squared
+# gradients (scale with its square): Adam / AdamW / NAdam / RAdam, SGD momentum, RMSprop, Adagrad
+_FIRST_MOMENTS = ("exp_avg", "momentum_buffer", "grad_avg")
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+@torch.no_grad()
+def rescale_moments(optimizer: torch.optim.Optimizer, ratios: dict[Tensor, Tensor]) -> int:
+    """Make an optimizer's moment estimates match a changed gradient preconditioner.
+
+    ``ratios[p]`` is the new over the old per-entry multiplier of ``p``'s gradient (e.g. ``(F_old + d) /
+    (F_new + d)`` when a diagonal natural gradient's Fisher is refreshed, ``1 / (F + d)`` when it starts).
+    First moments are multiplied by it, second moments by its square: the state becomes what it would be
+    had every past gradient been preconditioned the new way. Without this, Adam's slow second moment
+    (``beta2 = 0.999``) lags a preconditioner that jumps by orders of magnitude, and the first steps after
+    each change are that much too large. Returns the number of parameters rescaled (those with state)."""
+    n = 0
+    for p, r in ratios.items():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        r = r.to(device=p.device)
+        for key in _FIRST_MOMENTS:
+            if isinstance(state.get(key), Tensor) and state[key].shape == p.shape:
+                state[key].mul_(r.to(state[key].dtype))
+        for key in _SECOND_MOMENTS:
+            if isinstance(state.get(key), Tensor) and state[key].shape == p.shape:
+                state[key].mul_(r.square().to(state[key].dtype))
+        n += 1
+    return n
+
+
 class DiagonalNaturalGradient:
     """``grad <- grad / (F + damping)`` with a diagonal Fisher (a FisherResult or ``{name: tensor}``),
     then the base optimizer's step. ``set_fisher`` replaces the estimate (e.g. recomputed each epoch)."""

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from fishertune.config import StrictModel
-from fishertune.fisher import DiagonalNaturalGradient, KFACOptimizer, diagonal_fisher
+from fishertune.fisher import DiagonalNaturalGradient, KFACOptimizer, diagonal_fisher, rescale_moments
 from fishertune.fisher.kfac import KFACBlock
 from fishertune.tune.drfim import (dr_fim, group_scales, masks_from_importance, normalize_importance, posterior_std,
                                    quantile_summary, variational_floor)
@@ -103,6 +103,7 @@ class FisherTuneConfig(StrictModel):
     use_natural_gradient: bool = False
     natural_gradient: Literal["diagonal", "kfac"] = "diagonal"
     fisher_damping: float = Field(1e-3, gt=0)
+    natural_gradient_rescale_moments: bool = True    # diagonal: keep the optimizer's moments consistent
     kfac_update_freq: int = Field(10, ge=1)
     kfac_decay: float = Field(0.95, ge=0, lt=1)
     # EWC
@@ -342,6 +343,7 @@ class FisherTuner:
         self._ewc: tuple[tuple, EWCGradient] | None = None
         self._ewc_in_graph = False
         self._dng_cache: tuple[tuple, list[Tensor], list[Tensor]] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None   # the one make_optimizer built
 
     # ------------------------------------------------------------------ optimizer
     def make_optimizer(self, name: str = "adam", **kw: Any) -> torch.optim.Optimizer:
@@ -359,7 +361,8 @@ class FisherTuner:
         param_groups = [{"params": [self.params[n] for n in names], "name": g,
                          "lr": getattr(cfg, f"{g}_lr"), "weight_decay": getattr(cfg, f"{g}_weight_decay")}
                         for g, names in self.groups.items()]
-        return classes[name](param_groups, **kw)
+        self.optimizer = classes[name](param_groups, **kw)
+        return self.optimizer
 
     # ------------------------------------------------------------------ epochs
     def _span(self) -> int:
@@ -575,6 +578,8 @@ class FisherTuner:
             self.anchor_fisher = {n: f.clone() for n, f in fx.items()}
         if cfg.use_natural_gradient:
             diag = {n: f for n, f in fx.items() if n not in self._kfac_params}
+            if cfg.natural_gradient_rescale_moments and self.optimizer is not None:
+                self._rescale_moments(diag)
             if self.dng is None:
                 self.dng = DiagonalNaturalGradient(self.model, _NoStep(self.params.values()), diag,
                                                    damping=cfg.fisher_damping)
@@ -597,6 +602,19 @@ class FisherTuner:
             self.log(f"[FisherTune] Fisher updated at epoch {epoch} ({cfg.fim_method}, {passes} pass(es), "
                      f"perturbation={self.perturbation.name if self.perturbation is not None else 'none'}, "
                      f"{time.perf_counter() - start:.2f}s)")
+
+    def _rescale_moments(self, new: Mapping[str, Tensor]) -> None:
+        """The preconditioner goes from ``1 / (F_old + d)`` (1 before the first estimate) to
+        ``1 / (F_new + d)``: rescale the optimizer's moments to match (see :func:`rescale_moments`)."""
+        d = self.config.fisher_damping
+        old = self.dng.fisher if self.dng is not None else {}
+        ratios = {}
+        for n, f in new.items():
+            p = self.params[n]
+            f = f.to(device=p.device, dtype=torch.float32)
+            ratios[p] = (old[n].float() + d) / (f + d) if n in old else 1.0 / (f + d)
+        assert self.optimizer is not None
+        rescale_moments(self.optimizer, ratios)
 
     # ------------------------------------------------------------------ steps
     def _ewc_on(self) -> bool:
