@@ -537,3 +537,30 @@ def test_natural_gradient_rescales_the_optimizers_moments_at_each_fisher_update(
             torch.testing.assert_close(opt.state[p]["exp_avg_sq"], before[n][1] * r ** 2)
             assert rescale == bool((r != 1).any()), n
         train(model, tuner, opt, data, 2, start=epoch)      # its on_epoch_start(epoch) estimates nothing new
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+def test_precondition_decay_gives_the_natural_gradient_of_the_regularised_loss(opt_name):
+    """With natural_gradient_precondition_decay, gradient + the optimizer's L2 term = (g + wd theta) / (F + d);
+    AdamW's decoupled decay is left alone; without the option only g is preconditioned."""
+    for on in (True, False):
+        model, tuner, data = make({"use_natural_gradient": True, "perturbation_type": "noise",
+                                   "perturbation_modules": ["enc"], "natural_gradient_precondition_decay": on},
+                                  fisher="batch")
+        opt = tuner.make_optimizer(opt_name)
+        train(model, tuner, opt, data, 3)
+        wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, batches(make_data(seed=5), 16)[0]).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        tuner._precondition()
+        for n, p in model.named_parameters():
+            D = tuner.fisher[n] + tuner.config.fisher_damping
+            w = wd[id(p)]
+            if opt_name == "adamw":           # decoupled: nothing to add
+                torch.testing.assert_close(p.grad, raw[n] / D, msg=n)
+            elif on:
+                torch.testing.assert_close(p.grad + w * p.detach(), (raw[n] + w * p.detach()) / D, msg=n)
+            else:
+                torch.testing.assert_close(p.grad, raw[n] / D, msg=n)
+        assert all(w > 0 for w in wd.values())

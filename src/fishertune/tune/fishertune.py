@@ -104,6 +104,7 @@ class FisherTuneConfig(StrictModel):
     natural_gradient: Literal["diagonal", "kfac"] = "diagonal"
     fisher_damping: float = Field(1e-3, gt=0)
     natural_gradient_rescale_moments: bool = True    # diagonal: keep the optimizer's moments consistent
+    natural_gradient_precondition_decay: bool = False  # diagonal: precondition the optimizer's L2 term too
     kfac_update_freq: int = Field(10, ge=1)
     kfac_decay: float = Field(0.95, ge=0, lt=1)
     # EWC
@@ -342,7 +343,7 @@ class FisherTuner:
         # per-step caches, rebuilt when what they derive from changes (see _ewc_term / _precondition)
         self._ewc: tuple[tuple, EWCGradient] | None = None
         self._ewc_in_graph = False
-        self._dng_cache: tuple[tuple, list[Tensor], list[Tensor]] | None = None
+        self._dng_cache: tuple[tuple, list[Tensor], list[Tensor], list[Tensor | None]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None   # the one make_optimizer built
 
     # ------------------------------------------------------------------ optimizer
@@ -650,19 +651,39 @@ class FisherTuner:
             return ewc_penalty(self.params, self.anchor_fisher, self.anchor, self.config.fisher_reg_strength)
         return self._ewc_term().value()
 
+    def _l2_decay(self) -> dict[int, float]:
+        """``id(param) -> weight_decay`` of the parameters whose optimizer (the one ``make_optimizer``
+        built) adds the decay to the gradient (L2: Adam, SGD, RMSprop, Adagrad; not AdamW's decoupled)."""
+        opt = self.optimizer
+        if opt is None or isinstance(opt, torch.optim.AdamW):
+            return {}
+        out = {}
+        for group in opt.param_groups:
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if wd > 0 and not group.get("decoupled_weight_decay", False):
+                out.update({id(p): wd for p in group["params"]})
+        return out
+
     def _precondition(self) -> None:
         """Diagonal natural gradient, ``grad /= F + damping``, as ``DiagonalNaturalGradient.step`` but
-        with the denominators computed once per Fisher update and one foreach division (bit-identical)."""
+        with the denominators computed once per Fisher update and one foreach division (bit-identical).
+        With ``natural_gradient_precondition_decay`` the optimizer's L2 term is preconditioned too:
+        ``(1 / (F + d) - 1) * wd * theta`` is added here, so that with the ``wd * theta`` the optimizer
+        adds in its step the update follows ``(g + wd * theta) / (F + d)``, the natural gradient of the
+        regularised loss (otherwise the decay is up to ``1 / d`` times weaker than the scaled gradient)."""
         dng = self.dng
         assert dng is not None
-        key = (dng.fisher, float(dng.damping))
-        if self._dng_cache is None or self._dng_cache[0][0] is not key[0] or self._dng_cache[0][1] != key[1]:
+        decay = self._l2_decay() if self.config.natural_gradient_precondition_decay else {}
+        key = (dng.fisher, float(dng.damping), tuple(sorted(decay.items())))
+        if self._dng_cache is None or self._dng_cache[0][0] is not key[0] or self._dng_cache[0][1:] != key[1:]:
             ps = [dng.params[n] for n in dng.fisher]
             denoms = [(f + dng.damping).to(p.dtype) for f, p in zip(dng.fisher.values(), ps)]
-            self._dng_cache = (key, ps, denoms)
-        _, ps, denoms = self._dng_cache
-        grads, dens = [], []
-        for p, d in zip(ps, denoms):
+            coefs = [None if id(p) not in decay else (decay[id(p)] * (1.0 / d - 1.0)).to(p.dtype)
+                     for p, d in zip(ps, denoms)]
+            self._dng_cache = (key, ps, denoms, coefs)
+        _, ps, denoms, coefs = self._dng_cache
+        grads, dens, d_grads, d_params, d_coefs = [], [], [], [], []
+        for p, d, c in zip(ps, denoms, coefs):
             g = p.grad
             if g is None:
                 continue
@@ -671,9 +692,15 @@ class FisherTuner:
                 continue
             grads.append(g)
             dens.append(d)
+            if c is not None:
+                d_grads.append(g)
+                d_params.append(p.detach())
+                d_coefs.append(c)
         if grads:
             with torch.no_grad():
                 torch._foreach_div_(grads, dens)
+                if d_grads:
+                    torch._foreach_addcmul_(d_grads, d_params, d_coefs)
 
     def before_step(self, batch_size: int | None = None) -> None:
         """After backward, before ``optimizer.step()``, in this order: the EWC gradient (unless
