@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import brute_empirical, brute_ggn_diag
+from brute import brute_empirical, brute_ggn_diag
 from fishertune.fisher import diagonal_fisher, get_likelihood
 from fishertune.fisher.analysis import (CurvatureOperator, capacity_metrics, fisher_distance, group_importance,
                                         lanczos, sharpness, spectral_density, task_overlap, top_eigenvalues)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close, brute_empirical, brute_ggn_diag
+from brute import assert_close, brute_empirical, brute_ggn_diag
 from fishertune.fisher import (CallableLikelihood, UnsupportedModuleError, diagonal_fisher, get_likelihood)
 
 

@@ -15,7 +15,8 @@ from fishertune.fisher.analysis import (CurvatureOperator, capacity_metrics, fis
 from fishertune.fisher.estimators import (FisherResult, NonFiniteError, default_batch, diagonal_fisher,
                                           select_parameters)
 from fishertune.fisher.hooks import Rule, register_rule
-from fishertune.fisher.kfac import DiagonalNaturalGradient, KFACBlock, KFACOptimizer, kfac_factors, rescale_moments
+from fishertune.fisher.kfac import (DiagonalNaturalGradient, KFACBlock, KFACOptimizer, kfac_factors,
+                                    rescale_moments)
 from fishertune.fisher.likelihoods import (Bernoulli, CallableLikelihood, Categorical, Gaussian, Likelihood,
                                            Multinomial, get_likelihood)
 from fishertune.fisher.plan import UnsupportedModuleError
@@ -28,6 +29,6 @@ __all__ = [
     "FisherResult", "FisherSignatureError", "FisherStore", "FisherTarget", "Gaussian", "KFACBlock",
     "KFACOptimizer", "Likelihood", "Multinomial", "NonFiniteError", "Rule", "UnsupportedModuleError",
     "capacity_metrics", "default_batch", "diagonal_fisher", "fisher_distance", "get_likelihood",
-    "group_importance", "kfac_factors", "reduce", "register_rule", "rescale_moments", "select_parameters", "sharpness",
-    "spectral_density", "task_overlap", "top_eigenvalues",
+    "group_importance", "kfac_factors", "reduce", "register_rule", "rescale_moments", "select_parameters",
+    "sharpness", "spectral_density", "task_overlap", "top_eigenvalues",
 ]

@@ -612,8 +612,9 @@ class FisherTuner:
         ratios = {}
         for n, f in new.items():
             p = self.params[n]
-            f = f.to(device=p.device, dtype=torch.float32)
-            ratios[p] = (old[n].float() + d) / (f + d) if n in old else 1.0 / (f + d)
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            f = f.to(device=p.device, dtype=dtype)
+            ratios[p] = (old[n].to(f) + d) / (f + d) if n in old else 1.0 / (f + d)
         assert self.optimizer is not None
         rescale_moments(self.optimizer, ratios)
 
