@@ -104,7 +104,7 @@ class FisherTuneConfig(StrictModel):
     natural_gradient: Literal["diagonal", "kfac"] = "diagonal"
     fisher_damping: float = Field(1e-3, gt=0)
     natural_gradient_rescale_moments: bool = True    # diagonal: keep the optimizer's moments consistent
-    natural_gradient_precondition_decay: bool = False  # diagonal: precondition the optimizer's L2 term too
+    natural_gradient_precondition_decay: bool = True   # diagonal: precondition the optimizer's L2 term too
     kfac_update_freq: int = Field(10, ge=1)
     kfac_decay: float = Field(0.95, ge=0, lt=1)
     # EWC
