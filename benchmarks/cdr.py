@@ -77,8 +77,8 @@ def _validation(ctx) -> float:
     return time.perf_counter() - t0
 
 
-def _profile(ctx, work, n: int, label: str, rows: int = 12) -> None:
-    """torch.profiler over ``work()`` (``n`` steps): the top ops by self time, and launches per step."""
+def _profile(ctx, work, n: int, label: str, unit: str = "step", rows: int = 12) -> None:
+    """torch.profiler over ``work()`` (``n`` units of work): the top ops by self time, and launches per unit."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
@@ -86,7 +86,7 @@ def _profile(ctx, work, n: int, label: str, rows: int = 12) -> None:
         work()
     ev = prof.key_averages()
     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    print(f"\n--- profile: {label}, {launches / n:.0f} kernel launches per step")
+    print(f"\n--- profile: {label}, {launches / n:.0f} kernel launches per {unit}")
     keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if ctx.device.type == "cuda" else [])
     for key in keys:
         print(ev.table(sort_by=key, row_limit=rows, max_name_column_width=48))
@@ -167,7 +167,7 @@ def main() -> None:
         k = args.profile
         _profile(ctx, lambda: _steps(ctx, base_opt, base_tuner, cached[:k]), k, f"baseline, {k} steps")
         _profile(ctx, lambda: _steps(ctx, ft_opt, ft_tuner, cached[:k]), k, f"FisherTune, {k} steps")
-        _profile(ctx, lambda: _monitor(ctx), 1, "one validation pass")
+        _profile(ctx, lambda: _monitor(ctx), 1, "one validation pass", unit="pass")
 
 
 if __name__ == "__main__":
