@@ -282,20 +282,41 @@ def rescale_moments(optimizer: torch.optim.Optimizer, ratios: dict[Tensor, Tenso
 
 class DiagonalNaturalGradient:
     """``grad <- grad / (F + damping)`` with a diagonal Fisher (a FisherResult or ``{name: tensor}``),
-    then the base optimizer's step. ``set_fisher`` replaces the estimate (e.g. recomputed each epoch)."""
+    then the base optimizer's step. ``set_fisher`` replaces the estimate (e.g. recomputed each epoch);
+    ``fisher=None`` starts without one (no preconditioning until the first ``set_fisher``).
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fisher, damping: float = 1e-3):
+    Two options keep the base optimizer consistent with the preconditioner (both off: plain division):
+
+    - ``rescale_moments``: each ``set_fisher`` rescales the optimizer's moments from the old multiplier
+      (1 before the first Fisher) to the new one (:func:`rescale_moments`);
+    - ``precondition_decay``: the optimizer's L2 weight decay is preconditioned too. ``(1 / (F + d) - 1)
+      * wd * theta`` is added to the gradient, so that with the ``wd * theta`` the optimizer adds in its
+      step the update follows ``(g + wd * theta) / (F + d)``, the natural gradient of the regularised
+      loss (AdamW's decoupled decay does not scale with the gradient and is left alone).
+
+    The denominators and decay coefficients are computed once per Fisher (and damping / weight decay
+    settings): :meth:`precondition` is one foreach division and one foreach multiply-add per step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fisher=None, damping: float = 1e-3,
+                 rescale_moments: bool = False, precondition_decay: bool = False):
         if damping <= 0:
             raise ValueError("damping must be > 0")
         self.model, self.optimizer, self.damping = model, optimizer, damping
+        self.rescale_moments, self.precondition_decay = rescale_moments, precondition_decay
         self.params = dict(model.named_parameters())
-        self.set_fisher(fisher)
+        self.fisher: dict[str, Tensor] = {}
+        self._cache: tuple | None = None
+        if fisher is not None:
+            self.set_fisher(fisher)
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def set_fisher(self, fisher) -> None:
+    def set_fisher(self, fisher, rescale: bool | None = None) -> None:
+        """Replace the Fisher; ``rescale`` (default: the ``rescale_moments`` option) rescales the
+        optimizer's moments to the new preconditioner (``False`` for a state that already matches it,
+        e.g. one restored from a checkpoint)."""
         f = dict(fisher.items())
         for n, t in f.items():
             if n not in self.params:
@@ -303,15 +324,64 @@ class DiagonalNaturalGradient:
             if tuple(t.shape) != tuple(self.params[n].shape):
                 raise ValueError(f"Fisher entry {n!r} has shape {tuple(t.shape)}, the parameter "
                                  f"{tuple(self.params[n].shape)}")
-        self.fisher = {n: t.to(self.params[n].device) for n, t in f.items()}
+        new = {n: t.to(self.params[n].device) for n, t in f.items()}
+        if self.rescale_moments if rescale is None else rescale:
+            d, ratios = self.damping, {}
+            for n, t in new.items():
+                p = self.params[n]
+                t = t.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+                ratios[p] = (self.fisher[n].to(t) + d) / (t + d) if n in self.fisher else 1.0 / (t + d)
+            rescale_moments(self.optimizer, ratios)
+        self.fisher, self._cache = new, None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _decay_settings(self) -> tuple:
+        if not self.precondition_decay:
+            return ()
+        return tuple((float(g.get("weight_decay", 0.0) or 0.0), bool(g.get("decoupled_weight_decay", False)))
+                     for g in self.optimizer.param_groups)
+
+    def _coefficients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """Parameters, ``F + d`` and the decay coefficients ``wd * (1 / (F + d) - 1)`` (None: no L2 decay)."""
+        wd: dict[int, float] = {}
+        if self.precondition_decay and not isinstance(self.optimizer, torch.optim.AdamW):
+            for g in self.optimizer.param_groups:
+                w = float(g.get("weight_decay", 0.0) or 0.0)
+                if w > 0 and not g.get("decoupled_weight_decay", False):
+                    wd.update({id(p): w for p in g["params"]})
+        ps = [self.params[n] for n in self.fisher]
+        denoms = [(f + self.damping).to(p.dtype) for f, p in zip(self.fisher.values(), ps)]
+        coefs = [(wd[id(p)] * (1.0 / d - 1.0)).to(p.dtype) if id(p) in wd else None for p, d in zip(ps, denoms)]
+        return ps, denoms, coefs
+
     @torch.no_grad()
+    def precondition(self) -> None:
+        """Precondition the gradients in place (what :meth:`step` does before the optimizer's step)."""
+        key = (float(self.damping), self._decay_settings())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, *self._coefficients())
+        _, ps, denoms, coefs = self._cache
+        grads, dens, d_grads, d_params, d_coefs = [], [], [], [], []
+        for p, d, c in zip(ps, denoms, coefs):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g.div_(d)
+                continue
+            grads.append(g)
+            dens.append(d)
+            if c is not None:
+                d_grads.append(g)
+                d_params.append(p.detach())
+                d_coefs.append(c)
+        if grads:
+            torch._foreach_div_(grads, dens)
+        if d_grads:
+            torch._foreach_addcmul_(d_grads, d_params, d_coefs)
+
     def step(self, closure=None):
-        for n, f in self.fisher.items():
-            p = self.params[n]
-            if p.grad is not None:
-                p.grad.div_((f + self.damping).to(p.grad.dtype))
+        self.precondition()
         return self.optimizer.step(closure)

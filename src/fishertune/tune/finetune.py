@@ -332,8 +332,8 @@ def summarize(out: Path, base: dict[str, Any]) -> list[dict[str, Any]]:
         delta = [c["test_acc"] - base["test_acc"] for c in cells]
         am, as_ = _mean_std(acc)
         dm, ds = _mean_std(delta)
+        # trainable: FisherTune's count (ever selected) varies by draw, so the mean over draws
         table.append({"strategy": name, "draws": len(cells), "acc_mean": am, "acc_std": as_, "delta_mean": dm,
-                      # FisherTune's count (ever selected) varies by draw: the mean over draws
                       "delta_std": ds, "trainable": round(_mean_std([c["trainable"] for c in cells])[0]),
                       "share": _mean_std([c["share"] for c in cells])[0],
                       "seconds": _mean_std([c["seconds"] for c in cells])[0],
@@ -388,13 +388,11 @@ def _plot(path: Path, table: list[dict[str, Any]]) -> None:
             x = x0 * 1.12 ** (i - (len(group) - 1) / 2)
             ax.errorbar([x], [100 * r["acc_mean"]], yerr=[100 * r["acc_std"]], fmt="o", capsize=3,
                         mfc="white" if r["uses_unlabelled"] else None)
-            if len(group) == 1:
-                ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, textcoords="offset points",
-                            xytext=(6, 3))
-            else:  # a column of labels right of the group, a thin line to each point
-                ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, textcoords="offset points",
-                            xytext=(30 + 8 * (len(group) - 1 - i), 30 - 11 * i), va="center",
-                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"})
+            # alone: a label beside the point; in a group: a column of labels right of it, a thin line to each
+            where = {"xytext": (6, 3)} if len(group) == 1 else {
+                "xytext": (30 + 8 * (len(group) - 1 - i), 30 - 11 * i), "va": "center",
+                "arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "grey"}}
+            ax.annotate(r["strategy"], (x, 100 * r["acc_mean"]), fontsize=7, textcoords="offset points", **where)
     ax.set_xscale("log")
     ax.set_xlim(min(same_x) / 3, max(same_x) * 30)  # room for the label columns
     ax.set_xlabel("trainable parameters (log; label-free strategies at 1)")

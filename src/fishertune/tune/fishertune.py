@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from fishertune.config import StrictModel
-from fishertune.fisher import DiagonalNaturalGradient, KFACOptimizer, diagonal_fisher, rescale_moments
+from fishertune.fisher import DiagonalNaturalGradient, KFACOptimizer, diagonal_fisher
 from fishertune.fisher.kfac import KFACBlock
 from fishertune.tune.drfim import (dr_fim, group_scales, masks_from_importance, normalize_importance, posterior_std,
                                    quantile_summary, variational_floor)
@@ -343,7 +343,6 @@ class FisherTuner:
         # per-step caches, rebuilt when what they derive from changes (see _ewc_term / _precondition)
         self._ewc: tuple[tuple, EWCGradient] | None = None
         self._ewc_in_graph = False
-        self._dng_cache: tuple[tuple, list[Tensor], list[Tensor], list[Tensor | None]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None   # the one make_optimizer built
 
     # ------------------------------------------------------------------ optimizer
@@ -363,6 +362,8 @@ class FisherTuner:
                          "lr": getattr(cfg, f"{g}_lr"), "weight_decay": getattr(cfg, f"{g}_weight_decay")}
                         for g, names in self.groups.items()]
         self.optimizer = classes[name](param_groups, **kw)
+        if self.dng is not None:
+            self.dng.optimizer = self.optimizer
         return self.optimizer
 
     # ------------------------------------------------------------------ epochs
@@ -578,14 +579,9 @@ class FisherTuner:
             self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
             self.anchor_fisher = {n: f.clone() for n, f in fx.items()}
         if cfg.use_natural_gradient:
-            diag = {n: f for n, f in fx.items() if n not in self._kfac_params}
-            if cfg.natural_gradient_rescale_moments and self.optimizer is not None:
-                self._rescale_moments(diag)
             if self.dng is None:
-                self.dng = DiagonalNaturalGradient(self.model, _NoStep(self.params.values()), diag,
-                                                   damping=cfg.fisher_damping)
-            else:
-                self.dng.set_fisher(diag)
+                self.dng = self._make_dng()
+            self.dng.set_fisher({n: f for n, f in fx.items() if n not in self._kfac_params})
         self._summary = {}
         for g, names in self.groups.items():
             s: dict[str, float] = {}
@@ -604,19 +600,15 @@ class FisherTuner:
                      f"perturbation={self.perturbation.name if self.perturbation is not None else 'none'}, "
                      f"{time.perf_counter() - start:.2f}s)")
 
-    def _rescale_moments(self, new: Mapping[str, Tensor]) -> None:
-        """The preconditioner goes from ``1 / (F_old + d)`` (1 before the first estimate) to
-        ``1 / (F_new + d)``: rescale the optimizer's moments to match (see :func:`rescale_moments`)."""
-        d = self.config.fisher_damping
-        old = self.dng.fisher if self.dng is not None else {}
-        ratios = {}
-        for n, f in new.items():
-            p = self.params[n]
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            f = f.to(device=p.device, dtype=dtype)
-            ratios[p] = (old[n].to(f) + d) / (f + d) if n in old else 1.0 / (f + d)
-        assert self.optimizer is not None
-        rescale_moments(self.optimizer, ratios)
+    def _make_dng(self) -> DiagonalNaturalGradient:
+        """The diagonal preconditioner, bound to the optimizer ``make_optimizer`` built (its moments
+        rescaled, its L2 decay preconditioned, as the config says); without one, to a no-op optimizer
+        (plain division)."""
+        cfg = self.config
+        opt = self.optimizer if self.optimizer is not None else _NoStep(self.params.values())
+        return DiagonalNaturalGradient(self.model, opt, damping=cfg.fisher_damping,
+                                       rescale_moments=cfg.natural_gradient_rescale_moments,
+                                       precondition_decay=cfg.natural_gradient_precondition_decay)
 
     # ------------------------------------------------------------------ steps
     def _ewc_on(self) -> bool:
@@ -652,56 +644,11 @@ class FisherTuner:
             return ewc_penalty(self.params, self.anchor_fisher, self.anchor, self.config.fisher_reg_strength)
         return self._ewc_term().value()
 
-    def _l2_decay(self) -> dict[int, float]:
-        """``id(param) -> weight_decay`` of the parameters whose optimizer (the one ``make_optimizer``
-        built) adds the decay to the gradient (L2: Adam, SGD, RMSprop, Adagrad; not AdamW's decoupled)."""
-        opt = self.optimizer
-        if opt is None or isinstance(opt, torch.optim.AdamW):
-            return {}
-        out = {}
-        for group in opt.param_groups:
-            wd = float(group.get("weight_decay", 0.0) or 0.0)
-            if wd > 0 and not group.get("decoupled_weight_decay", False):
-                out.update({id(p): wd for p in group["params"]})
-        return out
-
     def _precondition(self) -> None:
-        """Diagonal natural gradient, ``grad /= F + damping``, as ``DiagonalNaturalGradient.step`` but
-        with the denominators computed once per Fisher update and one foreach division (bit-identical).
-        With ``natural_gradient_precondition_decay`` the optimizer's L2 term is preconditioned too:
-        ``(1 / (F + d) - 1) * wd * theta`` is added here, so that with the ``wd * theta`` the optimizer
-        adds in its step the update follows ``(g + wd * theta) / (F + d)``, the natural gradient of the
-        regularised loss (otherwise the decay is up to ``1 / d`` times weaker than the scaled gradient)."""
-        dng = self.dng
-        assert dng is not None
-        decay = self._l2_decay() if self.config.natural_gradient_precondition_decay else {}
-        key = (dng.fisher, float(dng.damping), tuple(sorted(decay.items())))
-        if self._dng_cache is None or self._dng_cache[0][0] is not key[0] or self._dng_cache[0][1:] != key[1:]:
-            ps = [dng.params[n] for n in dng.fisher]
-            denoms = [(f + dng.damping).to(p.dtype) for f, p in zip(dng.fisher.values(), ps)]
-            coefs = [None if id(p) not in decay else (decay[id(p)] * (1.0 / d - 1.0)).to(p.dtype)
-                     for p, d in zip(ps, denoms)]
-            self._dng_cache = (key, ps, denoms, coefs)
-        _, ps, denoms, coefs = self._dng_cache
-        grads, dens, d_grads, d_params, d_coefs = [], [], [], [], []
-        for p, d, c in zip(ps, denoms, coefs):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:          # what DiagonalNaturalGradient.step does with it
-                g.div_(d)
-                continue
-            grads.append(g)
-            dens.append(d)
-            if c is not None:
-                d_grads.append(g)
-                d_params.append(p.detach())
-                d_coefs.append(c)
-        if grads:
-            with torch.no_grad():
-                torch._foreach_div_(grads, dens)
-                if d_grads:
-                    torch._foreach_addcmul_(d_grads, d_params, d_coefs)
+        """Diagonal natural gradient (:meth:`DiagonalNaturalGradient.precondition`: ``grad /= F + damping``
+        with cached denominators, and the L2 decay preconditioned too unless the config says not)."""
+        assert self.dng is not None
+        self.dng.precondition()
 
     def before_step(self, batch_size: int | None = None) -> None:
         """After backward, before ``optimizer.step()``, in this order: the EWC gradient (unless
@@ -794,9 +741,8 @@ class FisherTuner:
                 self.kfac.blocks[n] = blk
                 self.kfac.inverses[n] = blk.inverses(self.kfac.damping, self.kfac.pi)
         if self.config.use_natural_gradient and self.fisher is not None:
-            diag = {n: f for n, f in self.fisher.items() if n not in self._kfac_params}
-            self.dng = DiagonalNaturalGradient(self.model, _NoStep(self.params.values()), diag,
-                                               damping=self.config.fisher_damping)
+            self.dng = self._make_dng()   # the restored optimizer state already matches this Fisher
+            self.dng.set_fisher({n: f for n, f in self.fisher.items() if n not in self._kfac_params}, rescale=False)
         self._summary = {g: dict(s) for g, s in state["summary"].items()}
         self.history = list(state["history"])
         self._warned = set(state.get("warned", []))

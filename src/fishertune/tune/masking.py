@@ -28,6 +28,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from fishertune.utils.foreach import foreach_into
+
 __all__ = ["ParameterMask"]
 
 
@@ -50,7 +52,7 @@ class ParameterMask:
         self._masks: dict[str, Tensor] = {}
         self._keep: dict[str, Tensor] = {}      # integer words: 1 where trainable, 0 where frozen
         self._frozen: dict[str, Tensor] = {}    # the complement
-        self._buf: dict[str, Tensor] = {}       # snapshot buffers (frozen bits of the values)
+        self._buf: dict[str, Tensor] = {}       # snapshot (frozen bits of the values), see set()
         self._full_frozen: set[str] = set()
         self._active: dict[str, int] = {}
         self._saved_full: dict[str, Tensor] = {}
@@ -87,7 +89,8 @@ class ParameterMask:
                 frozen[name] = (~m).to(itype)
         self._masks, self._keep, self._frozen, self._full_frozen = new_masks, keep, frozen, full
         self._active = active
-        self._buf = {n: b for n, b in self._buf.items() if n in keep}
+        # snapshot buffers: kept on the CPU (fresh tensors there cost page faults), fresh each step on the GPU
+        self._buf = {n: torch.empty_like(f) for n, f in frozen.items() if f.device.type == "cpu"}
         self._saved_full = {}
         self._has_snapshot = False
 
@@ -130,15 +133,8 @@ class ParameterMask:
         if names:
             bits = [self.params[n].detach().view(self._frozen[n].dtype) for n in names]
             words = [self._frozen[n] for n in names]
-            if bits[0].device.type == "cpu":
-                # CPU foreach ops loop over the tensors anyway: write into kept buffers, no allocation
-                for name, b, w in zip(names, bits, words):
-                    buf = self._buf.get(name)
-                    if buf is None or buf.shape != w.shape or buf.device != w.device:
-                        buf = self._buf[name] = torch.empty_like(w)
-                    torch.mul(b, w, out=buf)
-            else:            # one fused launch; the caching allocator makes the fresh buffers cheap
-                self._buf = dict(zip(names, torch._foreach_mul(bits, words)))
+            out = [self._buf[n] for n in names] if bits[0].device.type == "cpu" else None  # see set()
+            self._buf.update(zip(names, foreach_into("mul", bits, words, out)))
         self._saved_full = {}
         for name in self._full_frozen:
             p = self.params[name]

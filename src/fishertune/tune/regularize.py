@@ -12,6 +12,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from fishertune.utils.foreach import foreach_into
+
 __all__ = ["ewc_penalty", "EWCGradient", "OnlineFisher"]
 
 
@@ -64,15 +66,10 @@ class EWCGradient:
         versions = [p._version for p in self.params]
         if self._cache is not None and self._cache[0] == versions:
             return self._cache[1], self._cache[2]
+        bd, bg = self._buffers if self._buffers is not None else (None, None)
         with torch.no_grad():
-            if self._buffers is None:
-                d = torch._foreach_sub(self.params, self.anchors)
-                g = torch._foreach_mul(d, self.scaled)
-            else:
-                d, g = self._buffers
-                for p, a, s, di, gi in zip(self.params, self.anchors, self.scaled, d, g):
-                    torch.sub(p, a, out=di)
-                    torch.mul(di, s, out=gi)
+            d = foreach_into("sub", self.params, self.anchors, bd)
+            g = foreach_into("mul", d, self.scaled, bg)
         self._cache = (versions, d, g)
         return d, g
 

@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings."""
+"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings, foreach ops."""
