@@ -5,7 +5,9 @@ data loading (the same steps on batches made beforehand). Target: FisherTune <= 
     FISHERTUNE_DATA=... python benchmarks/cdr.py --device cuda --amp --steps 0      # a whole epoch on the GPU
 
 FisherTune's epoch = masked training steps + its Fisher estimate (two passes over ``fisher_batches``
-steps, F(x) and F(x')) amortised over ``fim_update_freq`` epochs. ``--steps N`` times the first N steps
+steps, F(x) and F(x'), with DR-FIM and the importance ranks) amortised over ``fim_update_freq`` epochs,
+timed warm (median of the repeats; the first, cold estimate is printed beside it, and with ``--amp`` on
+CUDA one under bfloat16 autocast). ``--steps N`` times the first N steps
 of an epoch and scales to a full one (0: the whole epoch); ``--repeats R`` times baseline and FisherTune
 alternately R times and reports medians. The last line splits a step, with device syncs around each
 part, into forward + backward and optimizer step (with FisherTune's masks and hooks): where the
@@ -27,7 +29,8 @@ from statistics import median
 import torch
 
 from fishertune.recsys.cdr.config import load_cdr_config
-from fishertune.recsys.cdr.train import _make_tuner, _monitor, build_context, train_step
+from fishertune.recsys.cdr.perturb import fisher_fn_for
+from fishertune.recsys.cdr.train import _autocast, _make_tuner, _monitor, build_context, train_step
 from fishertune.tune import load_presets
 
 
@@ -134,6 +137,21 @@ def main() -> None:
     warm = list(itertools.islice(epoch(99), 3))
     for tuner, opt in ((base_tuner, base_opt), (ft_tuner, ft_opt)):  # allocations, kernels, optimizer state
         _steps(ctx, opt, tuner, warm)
+    plain_fisher = ft_tuner.fisher_fn
+
+    def fisher_time(fn) -> float:
+        """Seconds for one Fisher update with ``fn``: F(x), F(x'), DR-FIM and importance (masks kept)."""
+        ft_tuner.fisher_fn = fn
+        _sync(ctx.device)
+        t0 = time.perf_counter()
+        ft_tuner._update_fisher(1, 0)
+        _sync(ctx.device)
+        ft_tuner.fisher_fn = plain_fisher
+        return time.perf_counter() - t0
+
+    t_fisher_warm = median(fisher_time(plain_fisher) for _ in range(max(1, args.repeats)))
+    amp_fisher = fisher_fn_for(ctx, lambda: _autocast(ctx)) if args.amp and ctx.device.type == "cuda" else None
+    t_fisher_amp = median(fisher_time(amp_fisher) for _ in range(max(1, args.repeats))) if amp_fisher else None
     t_base, t_ft_steps = [], []
     for r in range(args.repeats):  # alternate, so drift of the machine hits both alike
         pair = [(t_base, base_tuner, base_opt), (t_ft_steps, ft_tuner, ft_opt)]
@@ -146,7 +164,7 @@ def main() -> None:
     fb_b, st_b = _step_costs(ctx, base_opt, base_tuner, cached[:k])
     fb_f, st_f = _step_costs(ctx, ft_opt, ft_tuner, cached[:k])
     freq = ft_cfg.fishertune.fim_update_freq
-    t_ft = t_ft_m + t_fisher / freq
+    t_ft = t_ft_m + t_fisher_warm / freq
     ratio = ft_tuner.mask.ratio()
     ms = 1000 / k
     print(f"{base_cfg.data.task} {base_cfg.data.domains} on {ctx.device} (amp {args.amp}): {n_epoch} steps/epoch "
@@ -157,7 +175,8 @@ def main() -> None:
     print(f"  baseline epoch, no data loading {t_noload:7.3f} s  (batch sampling = {t_base_m - t_noload:.3f} s)")
     print(f"  FisherTune steps (masked, {100 * ratio:.1f}% active) {t_ft_m:8.3f} s"
           + (f"  {[round(t, 3) for t in t_ft_steps]}" if args.repeats > 1 else ""))
-    print(f"  Fisher estimate (x and x')     {t_fisher:8.3f} s, every {freq} epochs")
+    print(f"  Fisher estimate (x and x')     {t_fisher_warm:8.3f} s, every {freq} epochs (the first, cold: "
+          f"{t_fisher:.3f} s" + (f"; under bfloat16 autocast: {t_fisher_amp:.3f} s)" if t_fisher_amp else ")"))
     print(f"  FisherTune epoch (amortised)   {t_ft:8.3f} s")
     print(f"  ratio FisherTune / baseline    {t_ft / t_base_m:8.3f}x  (target <= 1.2x)")
     print(f"  per step, synced ({k} steps): forward+backward {fb_b * ms:.2f} ms baseline / {fb_f * ms:.2f} ms "
@@ -168,6 +187,9 @@ def main() -> None:
         _profile(ctx, lambda: _steps(ctx, base_opt, base_tuner, cached[:k]), k, f"baseline, {k} steps")
         _profile(ctx, lambda: _steps(ctx, ft_opt, ft_tuner, cached[:k]), k, f"FisherTune, {k} steps")
         _profile(ctx, lambda: _monitor(ctx), 1, "one validation pass", unit="pass")
+        _profile(ctx, lambda: fisher_time(plain_fisher), 1, "one Fisher estimate (x and x')", unit="estimate")
+        if amp_fisher:
+            _profile(ctx, lambda: fisher_time(amp_fisher), 1, "one Fisher estimate under autocast", unit="estimate")
 
 
 if __name__ == "__main__":

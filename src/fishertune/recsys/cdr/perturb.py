@@ -28,6 +28,7 @@ and per-sample gradients of 13M embedding entries (and the aggregators' custom c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -184,13 +185,15 @@ def make_perturbation(ctx) -> Perturbation | None:
     raise ValueError(f"unknown perturbation_type {kind!r}")
 
 
-def _step_loss(model, steps: list[CDRBatch]) -> Tensor:
-    return sum(model(b) for b in steps)
+def fisher_fn_for(ctx, autocast: Callable[[], AbstractContextManager] = nullcontext) -> Callable:
+    """``batch_gradient_fisher`` over the training loss of one step (a batch per domain), its forward
+    run inside ``autocast()`` (e.g. the trainer's bfloat16 autocast; the gradients stay float32)."""
 
+    def step_loss(model, steps: list[CDRBatch]) -> Tensor:
+        with autocast():
+            return sum(model(b) for b in steps)
 
-def fisher_fn_for(ctx) -> Callable:
-    """``batch_gradient_fisher`` over the training loss of one step (a batch per domain)."""
-    return batch_gradient_fisher(_step_loss, batch_size_fn=lambda steps: len(steps[0]))
+    return batch_gradient_fisher(step_loss, batch_size_fn=lambda steps: len(steps[0]))
 
 
 def fisher_batches_for(ctx, seed: int) -> Callable[[], Iterable[list[CDRBatch]]]:
