@@ -15,6 +15,8 @@ import pytest
 
 from fishertune.recsys.cdr.report import (
     ResultsError,
+    budget_table,
+    default_budgets,
     fisher_table,
     load_results,
     paired_comparison,
@@ -169,6 +171,36 @@ def test_selection_names_the_validation_pick(rows):
     assert sel.loc["(mean)", "valid_pick_test"] == pytest.approx(0.175)
 
 
+def _curve_row(preset: str, seed: int, curve: list[float], why: str | None) -> dict:
+    """A run logging validation NDCG@10 ``v`` (sport) and ``v + 0.1`` (cloth) at epochs 1, 2, ..."""
+    return {"preset": preset, "seed": seed, **SETTING, "stop_reason": why,
+            "history": [{"epoch": e + 1, "valid": {"sport": {"NDCG@10": v}, "cloth": {"NDCG@10": v + 0.1}}}
+                        for e, v in enumerate(curve)]}
+
+
+def test_budget_table_counts_a_cut_run_only_up_to_its_last_epoch():
+    rows = [_curve_row("baseline", 0, [0.1, 0.3, 0.2], "early_stop"),  # stopped early: counts at every budget
+            _curve_row("baseline", 1, [0.2, 0.2, 0.4, 0.5], "time_limit"),
+            _curve_row("default", 0, [0.1, 0.5], "time_limit"),  # cut at epoch 2
+            _curve_row("default", 1, [0.3], None)]  # killed (no row of its own): counts up to epoch 1
+    t = budget_table(rows, budgets=[4, 1, 2]).set_index(["preset", "budget"])
+    assert list(t.index) == [("baseline", 1), ("baseline", 2), ("baseline", 4), ("default", 1), ("default", 2),
+                             ("default", 4)]
+    # best of the domain mean (v + 0.05) within the first E epochs, over the runs that count at E
+    expect = {("baseline", 1): [0.15, 0.25], ("baseline", 2): [0.35, 0.25], ("baseline", 4): [0.35, 0.55],
+              ("default", 1): [0.15, 0.35], ("default", 2): [0.55], ("default", 4): []}
+    for key, vals in expect.items():
+        r = t.loc[key]
+        assert (r["n"], r["runs"]) == (len(vals), 2), key
+        if vals:
+            assert r["mean"] == pytest.approx(sum(vals) / len(vals)), key
+        else:
+            assert math.isnan(r["mean"]), key
+    assert t.loc[("baseline", 1), "std"] == pytest.approx(math.sqrt(2 * 0.05**2))
+    assert math.isnan(t.loc[("default", 2), "std"])  # one run: no std
+    assert default_budgets(rows) == [1, 2, 3]  # 1/4, 2/4, 3/4 of the longest history (4 epochs)
+
+
 def test_timing_ratio_and_fisher_summary(rows):
     timing = timing_table(rows).set_index("preset")
     assert timing.loc["baseline", "time_per_epoch_s_mean"] == pytest.approx(1.1)
@@ -233,7 +265,7 @@ def report_dir(tmp_path_factory) -> Path:
 
 
 def test_report_files_and_opening_table(report_dir):
-    for name in ("report.md", "report.html", "summary.csv", "paired.csv", "timing.csv", "selection.csv"):
+    for name in ("report.md", "report.html", "summary.csv", "paired.csv", "timing.csv", "selection.csv", "budget.csv"):
         assert (report_dir / name).is_file(), name
     md = (report_dir / "report.md").read_text()
     lines = md.splitlines()
@@ -247,6 +279,9 @@ def test_report_files_and_opening_table(report_dir):
     assert set(summary["split"]) == {"test", "test_full", "valid"}
     assert "Paired comparison against baseline" in md
     assert "dual-user-intra sport_cloth: **default** is best on validation and on test" in md
+    # equal budgets (1, 2, 3 of 4 epochs): at E = 3 all three runs of each preset count, valid mean 0.225
+    assert "within equal epoch budgets" in md
+    assert "| sport_cloth | default | 0.0750 ± 0.0000 (3/3) | 0.1500 ± 0.0000 (3/3) | 0.2250 ± 0.0000 (3/3) |" in md
     for png in report_dir.glob("*.png"):
         assert f"]({png.name})" in md
 
@@ -368,3 +403,5 @@ def test_cli(tmp_path, capsys):
     assert main(["report", str(path), "--out", str(tmp_path / "o2"), "--metric", "NDCG@20"]) == 2
     assert "NDCG@20" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o3")]) == 2
+    assert main(["report", str(path), "--out", str(tmp_path / "o4"), "--budgets", "2,x"]) == 2
+    assert "--budgets" in capsys.readouterr().out

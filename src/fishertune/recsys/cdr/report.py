@@ -11,6 +11,7 @@ What it shows, per *setting* (task, domain pair, evaluation protocol) and domain
 * bar charts with error bars; threshold and active-ratio curves over epochs; validation curves;
   the distribution of the normalised importance (Fisher / DR-FIM) per parameter group;
 * which preset is best on validation and which on test (the validation pick is the honest one);
+* the best validation metric within equal epoch budgets (fair to runs cut by a time limit);
 * time per epoch and its ratio to the baseline.
 
 Every metric is taken as higher-is-better (MRR, NDCG@k, HR@k). :func:`summarise` and
@@ -45,6 +46,8 @@ from fishertune.utils.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ResultsError",
+    "budget_table",
+    "default_budgets",
     "fisher_table",
     "load_results",
     "paired_comparison",
@@ -416,6 +419,51 @@ def selection_table(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10") 
             out.append(rec)
     return pd.DataFrame(out, columns=[*SETTING, "domain", "metric", "best_on_valid", "valid_pick_valid",
                                       "valid_pick_test", "best_on_test", "test_pick_test", "agree"])
+
+
+def _valid_means(row: Mapping[str, Any], metric: str) -> dict[int, float]:
+    """Epoch -> validation ``metric`` averaged over the domains logged at that epoch (from ``history``)."""
+    out: dict[int, float] = {}
+    for rec in row.get("history") or []:
+        v = rec.get("valid") if isinstance(rec, Mapping) else None
+        if not isinstance(v, Mapping) or not _is_number(rec.get("epoch")) or rec.get("epoch") is None:
+            continue
+        vals = [float(m[metric]) for m in v.values() if isinstance(m, Mapping) and _is_number(m.get(metric))
+                and m.get(metric) is not None]
+        if vals:
+            out[int(rec["epoch"])] = sum(vals) / len(vals)
+    return out
+
+
+def default_budgets(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10", n: int = 3) -> list[int]:
+    """``n`` epoch budgets evenly spaced up to the longest logged history (1/4, 2/4, 3/4 of it for n=3)."""
+    longest = max((max(_valid_means(r, metric), default=0) for r in rows), default=0)
+    return sorted({max(1, round(longest * k / (n + 1))) for k in range(1, n + 1)}) if longest else []
+
+
+def budget_table(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10",
+                 budgets: Sequence[int] | None = None, baseline: str = "baseline") -> pd.DataFrame:
+    """Per setting, preset and epoch budget E: the best validation ``metric`` (mean over the pair's
+    domains) within the first E epochs, mean and std over seeds. It compares presets fairly when some
+    runs were cut by a time limit: a run counts at E when it logged epoch E, or when it ended before E
+    for another reason than ``time_limit`` (early stopping: its best is final); ``n`` says how many
+    counted. Only ``preset``, ``seed``, ``domains`` and ``history`` are read (rows of runs killed before
+    their test pass work too)."""
+    rows = [r for r in rows if isinstance(r, Mapping)]
+    budgets = sorted(set(budgets)) if budgets else default_budgets(rows, metric)
+    out = []
+    setting = lambda r: (r.get("task", ""), r["domains"], r.get("protocol", ""))  # noqa: E731
+    for s in _order(setting(r) for r in rows):
+        for p in _order((r["preset"] for r in rows if setting(r) == s), baseline):
+            curves = [(_valid_means(r, metric), r.get("stop_reason")) for r in rows
+                      if setting(r) == s and r["preset"] == p]
+            curves = [(c, why) for c, why in curves if c]
+            for e in budgets:
+                best = [max(v for k, v in c.items() if k <= e) for c, why in curves
+                        if min(c) <= e and (max(c) >= e or why not in (None, "time_limit"))]
+                out.append({"task": s[0], "domains": s[1], "protocol": s[2], "preset": p, "budget": e,
+                            "n": len(best), "runs": len(curves), "mean": _mean(best), "std": _std(best)})
+    return pd.DataFrame(out, columns=[*SETTING, "preset", "budget", "n", "runs", "mean", "std"])
 
 
 def timing_table(rows: Iterable[Mapping[str, Any]], baseline: str = "baseline") -> pd.DataFrame:
@@ -1130,9 +1178,10 @@ def _config_table(rows: list[dict[str, Any]], presets: Sequence[str]) -> _Table 
 
 def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Mapping[str, Any]],
                  out_dir: str | os.PathLike, baseline: str = "baseline", metric: str = "NDCG@10",
-                 title: str = "FisherTune experiments", source: str | None = None) -> Path:
+                 title: str = "FisherTune experiments", source: str | None = None,
+                 budgets: Sequence[int] | None = None) -> Path:
     """Write ``report.md``, ``report.html`` (self-contained: PNGs embedded as base64, inline CSS),
-    the PNGs and ``summary.csv`` / ``paired.csv`` / ``selection.csv`` / ``timing.csv`` /
+    the PNGs and ``summary.csv`` / ``paired.csv`` / ``selection.csv`` / ``budget.csv`` / ``timing.csv`` /
     ``fisher.csv`` into ``out_dir``; returns the markdown path.
 
     ``results`` is a results file (or several) or the rows themselves. ``metric`` is the primary
@@ -1159,6 +1208,7 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequ
         raise ValueError(f"metric '{metric}' is not among the test metrics of the results: {', '.join(metrics)}")
     paired = pd.concat([paired_comparison(rows, baseline, s) for s in frames if s != "valid"], ignore_index=True)
     sel = selection_table(rows, metric)
+    budget = budget_table(rows, metric, budgets, baseline)
     timing = timing_table(rows, baseline)
     ft = fisher_table(rows, baseline)
     colors = _colors(presets)
@@ -1255,6 +1305,22 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequ
                           f"{_fmt(r['valid_pick_test'])}); {r['best_on_test']} is best on test "
                           f"({_fmt(r['test_pick_test'])}) but choosing it would be selecting on test.")
 
+    doc.h(2, f"Validation {metric} within equal epoch budgets")
+    if budget.empty or budget["n"].sum() == 0:
+        doc.p(f"No validation {metric} over epochs (history) in the results.")
+    else:
+        doc.p(f"Best validation {metric} (mean over the pair's domains) within the first E epochs, mean ± std "
+              f"over the runs that count at E (n of all): it compares presets whose runs were cut by a time limit "
+              f"at different epochs. A run cut before E does not count at E; one that stopped early does (its best "
+              f"is final). Validation only: for choosing and for reading the curves, not a test result.")
+        es = sorted(budget["budget"].unique())
+        t = _Table(["setting", "preset", *(f"E = {e}" for e in es)], [], left=2)
+        for (task, doms, prot, p), g in budget.groupby([*SETTING, "preset"], sort=False):
+            cells = {int(r["budget"]): f"{_mean_std(r['mean'], r['std'], r['n'])} ({r['n']}/{r['runs']})"
+                     for _, r in g.iterrows()}
+            t.rows.append([lab(task, doms, prot), p, *(cells.get(int(e), "–") for e in es)])
+        doc.table(t)
+
     doc.h(2, "Time per epoch")
     if timing["time_per_epoch_s_mean"].isna().all():
         doc.p("No time_per_epoch_s in the results.")
@@ -1336,6 +1402,7 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequ
     atomic_write_text(out / "summary.csv", pd.concat(frames.values(), ignore_index=True).to_csv(index=False))
     atomic_write_text(out / "paired.csv", paired.to_csv(index=False))
     atomic_write_text(out / "selection.csv", sel.to_csv(index=False))
+    atomic_write_text(out / "budget.csv", budget.to_csv(index=False))
     atomic_write_text(out / "timing.csv", timing.to_csv(index=False))
     atomic_write_text(out / "fisher.csv", ft.to_csv(index=False))
     atomic_write_text(out / "report.html", _render_html(doc, title))
