@@ -1187,6 +1187,7 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike] | Sequ
     ``results`` is a results file (or several) or the rows themselves. ``metric`` is the primary
     metric of the opening table, the paired section and the validation pick; it must be a test metric
     of the results. ``source`` names where rows passed in directly came from (for the header).
+    ``budgets``: the epochs of the equal-budget validation table (None: :func:`default_budgets`).
     """
     if isinstance(results, (str, os.PathLike)) or (isinstance(results, Sequence) and results
                                                     and isinstance(results[0], (str, os.PathLike))):
