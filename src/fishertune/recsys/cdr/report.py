@@ -421,18 +421,23 @@ def selection_table(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10") 
                                       "valid_pick_test", "best_on_test", "test_pick_test", "agree"])
 
 
-def _valid_means(row: Mapping[str, Any], metric: str) -> dict[int, float]:
-    """Epoch -> validation ``metric`` averaged over the domains logged at that epoch (from ``history``)."""
-    out: dict[int, float] = {}
+def _valid_by_epoch(row: Mapping[str, Any], metric: str) -> dict[int, dict[str, float]]:
+    """Epoch -> domain -> validation ``metric``, from the row's ``history`` (entries without it skipped)."""
+    out: dict[int, dict[str, float]] = {}
     for rec in row.get("history") or []:
         v = rec.get("valid") if isinstance(rec, Mapping) else None
         if not isinstance(v, Mapping) or not _is_number(rec.get("epoch")) or rec.get("epoch") is None:
             continue
-        vals = [float(m[metric]) for m in v.values() if isinstance(m, Mapping) and _is_number(m.get(metric))
-                and m.get(metric) is not None]
+        vals = {d: float(m[metric]) for d, m in v.items() if isinstance(m, Mapping) and _is_number(m.get(metric))
+                and m.get(metric) is not None}
         if vals:
-            out[int(rec["epoch"])] = sum(vals) / len(vals)
+            out[int(rec["epoch"])] = vals
     return out
+
+
+def _valid_means(row: Mapping[str, Any], metric: str) -> dict[int, float]:
+    """Epoch -> validation ``metric`` averaged over the domains logged at that epoch."""
+    return {e: sum(v.values()) / len(v) for e, v in _valid_by_epoch(row, metric).items()}
 
 
 def default_budgets(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10", n: int = 3) -> list[int]:
@@ -805,19 +810,9 @@ def _valid_chart(sel: Sequence[dict[str, Any]], presets: Sequence[str], domains:
     for d in domains:
         lines = []
         for p in presets:
-            series = []
-            for r in sel:
-                if r["preset"] != p:
-                    continue
-                s = {}
-                for rec in r.get("history") or []:
-                    v = rec.get("valid") if isinstance(rec, Mapping) else None
-                    v = v.get(d) if isinstance(v, Mapping) else None
-                    v = v.get(metric) if isinstance(v, Mapping) else None
-                    if _is_number(v) and v is not None and _is_number(rec.get("epoch")) and rec.get("epoch") is not None:
-                        s[int(rec["epoch"])] = float(v)
-                if s:
-                    series.append(s)
+            series = [{e: v[d] for e, v in _valid_by_epoch(r, metric).items() if d in v}
+                      for r in sel if r["preset"] == p]
+            series = [x for x in series if x]
             if series:
                 lines.append((p, *_epoch_means(series), len(series)))
         if lines:
