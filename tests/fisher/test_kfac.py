@@ -148,3 +148,86 @@ def test_rescale_moments_scales_sgd_momentum_by_the_ratio():
     q = nn.Parameter(torch.zeros(3))               # no state yet: nothing to rescale
     assert rescale_moments(opt, {p: torch.tensor([2.0, 0.5, 1.0]), q: torch.ones(3)}) == 1
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf * torch.tensor([2.0, 0.5, 1.0]))
+
+
+def _fixed_kfac(model, opt, **kw):
+    """A K-FAC wrapper whose factors of ``model[0]`` are set by hand (no capture)."""
+    k = KFACOptimizer(model, opt, damping=1e-2, update_freq=10**9, **kw)
+    k.steps = 1  # never capture
+    return k
+
+
+def test_kfac_precondition_decay_preconditions_the_l2_term():
+    """With the option the SGD update is lr * G^-1 (dW + wd W) A^-1; without it the decay is added after."""
+    from fishertune.fisher.kfac import KFACBlock
+
+    torch.manual_seed(0)
+    lr, wd = 0.1, 0.3
+    A = torch.randn(4, 4)
+    A = A @ A.t() + torch.eye(4)                              # [in + 1 bias column]
+    G = torch.randn(2, 2)
+    G = G @ G.t() + torch.eye(2)
+    for option in (True, False):
+        model = nn.Sequential(nn.Linear(3, 2))
+        w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+        k = _fixed_kfac(model, torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd), precondition_decay=option)
+        blk = KFACBlock(A, G, True, (2, 3))
+        k.blocks["0"], k.inverses["0"] = blk, blk.inverses(k.damping, k.pi)
+        gw, gb = torch.randn(2, 3), torch.randn(2)
+        model[0].weight.grad, model[0].bias.grad = gw.clone(), gb.clone()
+        k.step()
+        A_inv, G_inv = k.inverses["0"]
+        if option:
+            full = G_inv @ torch.cat([gw + wd * w0, (gb + wd * b0)[:, None]], 1) @ A_inv
+        else:
+            full = G_inv @ torch.cat([gw, gb[:, None]], 1) @ A_inv + wd * torch.cat([w0, b0[:, None]], 1)
+        torch.testing.assert_close(model[0].weight.detach(), w0 - lr * full[:, :3])
+        torch.testing.assert_close(model[0].bias.detach(), b0 - lr * full[:, 3])
+
+
+def test_kfac_rescale_moments_by_the_change_of_the_diagonal():
+    """At each factor update Adam's moments are multiplied by new/old G^-1_ii A^-1_jj (and its square)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    k = KFACOptimizer(model, opt, damping=1e-2, update_freq=1, rescale_moments=True)
+    x = torch.randn(16, 3)
+    y = torch.randint(0, 2, (16,))
+    seen = []
+    for t in range(3):
+        opt.zero_grad()
+        if t > 0:
+            st = opt.state[model[0].weight]
+            before = (st["exp_avg"].clone(), st["exp_avg_sq"].clone(), k.inverses.get("0"))
+        nn.functional.cross_entropy(model(x), y).backward()
+        if t == 0:
+            k.step()
+            continue
+        k.precondition()  # updates the factors (captured in this forward), rescales, preconditions
+        A_inv, G_inv = k.inverses["0"]
+        new = torch.outer(G_inv.diagonal(), A_inv.diagonal())
+        old = torch.outer(before[2][1].diagonal(), before[2][0].diagonal())
+        r = (new / old)[:, :3]
+        torch.testing.assert_close(st["exp_avg"], before[0] * r)
+        torch.testing.assert_close(st["exp_avg_sq"], before[1] * r**2)
+        seen.append(float((r - 1).abs().max()))
+        opt.step()
+    assert max(seen) > 1e-4  # the factors moved, so the check had something to compare
+    k.remove()
+
+
+def test_fishertuner_binds_kfac_to_its_optimizer_and_its_options():
+    from fishertune.tune import FisherTuneConfig, FisherTuner
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    cfg = FisherTuneConfig(use_natural_gradient=True, natural_gradient="kfac")
+    tuner = FisherTuner(model, cfg, {"shared": ["0.*"], "specific": ["2.*"]}, lambda m, b: {}, lambda: [])
+    opt = tuner.make_optimizer("adam")
+    assert tuner.kfac is not None and tuner.kfac.optimizer is opt
+    assert tuner.kfac.rescale_moments and tuner.kfac.precondition_decay
+    off = FisherTuneConfig(use_natural_gradient=True, natural_gradient="kfac",
+                           natural_gradient_rescale_moments=False, natural_gradient_precondition_decay=False)
+    t2 = FisherTuner(model, off, {"shared": ["0.*"], "specific": ["2.*"]}, lambda m, b: {}, lambda: [])
+    assert not t2.kfac.rescale_moments and not t2.kfac.precondition_decay
+    tuner.kfac.remove()
+    t2.kfac.remove()

@@ -166,11 +166,18 @@ class KFACOptimizer:
     hooks keep layer inputs, tensor hooks the output gradients, every ``update_freq`` steps, as an
     exponential moving average with ``decay``. ``loss_reduction`` says how the training loss combines
     samples (``"mean"`` gradients are rescaled by the batch size to per-sample gradients).
+
+    The two options of :class:`DiagonalNaturalGradient`, for K-FAC's layers: ``rescale_moments``
+    rescales the optimizer's moments at each factor update by the change of the preconditioner's
+    *diagonal* (``G^-1_ii A^-1_jj``; exact only where the factors are diagonal, an approximation
+    otherwise); ``precondition_decay`` preconditions the optimizer's L2 decay with the gradient,
+    ``G^-1 (dW + wd W) A^-1`` (AdamW's decoupled decay is left alone).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, damping: float = 1e-3,
                  update_freq: int = 10, decay: float = 0.95, modules: Sequence[str] | None = None,
-                 loss_reduction: str = "mean", pi: bool = True):
+                 loss_reduction: str = "mean", pi: bool = True, rescale_moments: bool = False,
+                 precondition_decay: bool = False):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if update_freq < 1 or not 0 <= decay < 1 or damping <= 0:
@@ -178,6 +185,7 @@ class KFACOptimizer:
         self.model, self.optimizer = model, optimizer
         self.damping, self.update_freq, self.decay, self.pi = damping, update_freq, decay, pi
         self.loss_reduction = loss_reduction
+        self.rescale_moments, self.precondition_decay = rescale_moments, precondition_decay
         self.mods = _modules(model, modules)
         self.blocks: dict[str, KFACBlock] = {}
         self.inverses: dict[str, tuple[Tensor, Tensor]] = {}
@@ -219,16 +227,35 @@ class KFACOptimizer:
                 A = self.decay * old.A + (1 - self.decay) * A
                 G = self.decay * old.G + (1 - self.decay) * G
             self.blocks[n] = KFACBlock(A, G, m.bias is not None, tuple(m.weight.shape))
-            self.inverses[n] = self.blocks[n].inverses(self.damping, self.pi)
+            new = self.blocks[n].inverses(self.damping, self.pi)
+            if self.rescale_moments:
+                self._rescale(m, self.inverses.get(n), new)
+            self.inverses[n] = new
         self._captured.clear()
+
+    def _rescale(self, m: nn.Module, old: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor]) -> None:
+        """Rescale the optimizer's moments of ``m`` by the change of the preconditioner's diagonal
+        (from 1, no preconditioning, before the first factors)."""
+        def diag(inv: tuple[Tensor, Tensor]) -> Tensor:  # [out, in(+1)]: G^-1_ii A^-1_jj
+            A_inv, G_inv = inv
+            return torch.outer(G_inv.diagonal(), A_inv.diagonal())
+        r = diag(new) if old is None else diag(new) / diag(old)
+        w = m.weight
+        ratios = {w: r[:, :w[0].numel()].reshape(w.shape).to(w.dtype)}
+        if m.bias is not None:
+            ratios[m.bias] = r[:, -1].to(m.bias.dtype)
+        rescale_moments(self.optimizer, ratios)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def precondition(self) -> None:
+        """Update the factors when this step captured them, then replace each K-FAC layer's gradient
+        (what :meth:`step` does before the optimizer's step)."""
         if self._captured:
             self._update()
+        wd = l2_decay(self.optimizer) if self.precondition_decay else {}
         for n, m in self.mods.items():
             if n not in self.inverses or m.weight.grad is None:
                 continue
@@ -236,11 +263,18 @@ class KFACOptimizer:
             gb = m.bias.grad if m.bias is not None else None
             if m.bias is not None and gb is None:
                 gb = torch.zeros_like(m.bias)
-            w, b = self.blocks[n].precondition(m.weight.grad, gb, A_inv, G_inv)
-            m.weight.grad.copy_(w)
+            dw, db = wd.get(id(m.weight), 0.0), wd.get(id(m.bias), 0.0) if m.bias is not None else 0.0
+            gw = m.weight.grad + dw * m.weight if dw else m.weight.grad
+            gb = gb + db * m.bias if db else gb
+            w, b = self.blocks[n].precondition(gw, gb, A_inv, G_inv)
+            # the optimizer adds wd * theta itself: take it out, so that the update is G^-1 (g + wd theta) A^-1
+            m.weight.grad.copy_(w - dw * m.weight if dw else w)
             if b is not None:
-                m.bias.grad = b
+                m.bias.grad = b - db * m.bias if db else b
         self.steps += 1
+
+    def step(self, closure=None):
+        self.precondition()
         return self.optimizer.step(closure)
 
     def remove(self) -> None:
@@ -252,6 +286,19 @@ class KFACOptimizer:
 # gradients (scale with its square): Adam / AdamW / NAdam / RAdam, SGD momentum, RMSprop, Adagrad
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer", "grad_avg")
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+def l2_decay(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    """``id(param) -> weight_decay`` for the parameters whose optimizer adds an L2 term ``wd * theta`` to
+    the gradient (not AdamW's or another decoupled decay, which does not scale with the gradient)."""
+    if isinstance(optimizer, torch.optim.AdamW):
+        return {}
+    out: dict[int, float] = {}
+    for g in optimizer.param_groups:
+        w = float(g.get("weight_decay", 0.0) or 0.0)
+        if w > 0 and not g.get("decoupled_weight_decay", False):
+            out.update({id(p): w for p in g["params"]})
+    return out
 
 
 @torch.no_grad()
@@ -345,12 +392,7 @@ class DiagonalNaturalGradient:
 
     def _coefficients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
         """Parameters, ``F + d`` and the decay coefficients ``wd * (1 / (F + d) - 1)`` (None: no L2 decay)."""
-        wd: dict[int, float] = {}
-        if self.precondition_decay and not isinstance(self.optimizer, torch.optim.AdamW):
-            for g in self.optimizer.param_groups:
-                w = float(g.get("weight_decay", 0.0) or 0.0)
-                if w > 0 and not g.get("decoupled_weight_decay", False):
-                    wd.update({id(p): w for p in g["params"]})
+        wd = l2_decay(self.optimizer) if self.precondition_decay else {}
         ps = [self.params[n] for n in self.fisher]
         denoms = [(f + self.damping).to(p.dtype) for f, p in zip(self.fisher.values(), ps)]
         coefs = [(wd[id(p)] * (1.0 / d - 1.0)).to(p.dtype) if id(p) in wd else None for p, d in zip(ps, denoms)]

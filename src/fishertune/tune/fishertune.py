@@ -103,8 +103,8 @@ class FisherTuneConfig(StrictModel):
     use_natural_gradient: bool = False
     natural_gradient: Literal["diagonal", "kfac"] = "diagonal"
     fisher_damping: float = Field(1e-3, gt=0)
-    natural_gradient_rescale_moments: bool = True    # diagonal: keep the optimizer's moments consistent
-    natural_gradient_precondition_decay: bool = True   # diagonal: precondition the optimizer's L2 term too
+    natural_gradient_rescale_moments: bool = True    # keep the optimizer's moments consistent (K-FAC: diagonal)
+    natural_gradient_precondition_decay: bool = True   # precondition the optimizer's L2 term too
     kfac_update_freq: int = Field(10, ge=1)
     kfac_decay: float = Field(0.95, ge=0, lt=1)
     # EWC
@@ -321,8 +321,11 @@ class FisherTuner:
         self.dng: DiagonalNaturalGradient | None = None
         self._kfac_params: set[str] = set()
         if self.enabled and config.use_natural_gradient and config.natural_gradient == "kfac":
+            # bound to make_optimizer's optimizer once it exists (moment rescaling, decay preconditioning)
             self.kfac = KFACOptimizer(model, _NoStep(self.params.values()), damping=config.fisher_damping,
-                                      update_freq=config.kfac_update_freq, decay=config.kfac_decay)
+                                      update_freq=config.kfac_update_freq, decay=config.kfac_decay,
+                                      rescale_moments=config.natural_gradient_rescale_moments,
+                                      precondition_decay=config.natural_gradient_precondition_decay)
             for mname, m in self.kfac.mods.items():
                 prefix = mname + "." if mname else ""
                 self._kfac_params |= {prefix + n for n, p in m.named_parameters(recurse=False) if p.requires_grad}
@@ -362,8 +365,9 @@ class FisherTuner:
                          "lr": getattr(cfg, f"{g}_lr"), "weight_decay": getattr(cfg, f"{g}_weight_decay")}
                         for g, names in self.groups.items()]
         self.optimizer = classes[name](param_groups, **kw)
-        if self.dng is not None:
-            self.dng.optimizer = self.optimizer
+        for wrapper in (self.dng, self.kfac):
+            if wrapper is not None:
+                wrapper.optimizer = self.optimizer
         return self.optimizer
 
     # ------------------------------------------------------------------ epochs
@@ -664,7 +668,7 @@ class FisherTuner:
             self.online.update(float(batch_size) if batch_size else 1.0)
         if self.config.use_natural_gradient:
             if self.kfac is not None:
-                self.kfac.step()
+                self.kfac.precondition()
             if self.dng is not None:
                 self._precondition()
         self.mask.apply_to_grads()
