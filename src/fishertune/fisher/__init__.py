@@ -15,7 +15,7 @@ from fishertune.fisher.analysis import (CurvatureOperator, capacity_metrics, fis
 from fishertune.fisher.estimators import (FisherResult, NonFiniteError, default_batch, diagonal_fisher,
                                           select_parameters)
 from fishertune.fisher.hooks import Rule, register_rule
-from fishertune.fisher.kfac import (DiagonalNaturalGradient, KFACBlock, KFACOptimizer, kfac_factors,
+from fishertune.fisher.kfac import (DiagonalNaturalGradient, KFACBlock, KFACOptimizer, kfac_factors, l2_decay,
                                     rescale_moments)
 from fishertune.fisher.likelihoods import (Bernoulli, CallableLikelihood, Categorical, Gaussian, Likelihood,
                                            Multinomial, get_likelihood)
@@ -29,6 +29,6 @@ __all__ = [
     "FisherResult", "FisherSignatureError", "FisherStore", "FisherTarget", "Gaussian", "KFACBlock",
     "KFACOptimizer", "Likelihood", "Multinomial", "NonFiniteError", "Rule", "UnsupportedModuleError",
     "capacity_metrics", "default_batch", "diagonal_fisher", "fisher_distance", "get_likelihood",
-    "group_importance", "kfac_factors", "reduce", "register_rule", "rescale_moments", "select_parameters",
+    "group_importance", "kfac_factors", "l2_decay", "reduce", "register_rule", "rescale_moments", "select_parameters",
     "sharpness", "spectral_density", "task_overlap", "top_eigenvalues",
 ]
