@@ -191,6 +191,7 @@ class KFACOptimizer:
         self.inverses: dict[str, tuple[Tensor, Tensor]] = {}
         self.steps = 0
         self._captured: dict[str, dict[str, Any]] = {}
+        self._wd: tuple[tuple, dict[int, float]] | None = None  # (decay_key, l2_decay), rebuilt when the key changes
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.mods.items()]
 
     @property
@@ -255,7 +256,12 @@ class KFACOptimizer:
         (what :meth:`step` does before the optimizer's step)."""
         if self._captured:
             self._update()
-        wd = l2_decay(self.optimizer) if self.precondition_decay else {}
+        wd: dict[int, float] = {}
+        if self.precondition_decay:
+            key = decay_key(self.optimizer)
+            if self._wd is None or self._wd[0] != key:
+                self._wd = (key, l2_decay(self.optimizer))
+            wd = self._wd[1]
         for n, m in self.mods.items():
             if n not in self.inverses or m.weight.grad is None:
                 continue
@@ -263,7 +269,8 @@ class KFACOptimizer:
             gb = m.bias.grad if m.bias is not None else None
             if m.bias is not None and gb is None:
                 gb = torch.zeros_like(m.bias)
-            dw, db = wd.get(id(m.weight), 0.0), wd.get(id(m.bias), 0.0) if m.bias is not None else 0.0
+            dw = wd.get(id(m.weight), 0.0)
+            db = wd.get(id(m.bias), 0.0) if m.bias is not None else 0.0
             gw = m.weight.grad + dw * m.weight if dw else m.weight.grad
             gb = gb + db * m.bias if db else gb
             w, b = self.blocks[n].precondition(gw, gb, A_inv, G_inv)
@@ -286,6 +293,13 @@ class KFACOptimizer:
 # gradients (scale with its square): Adam / AdamW / NAdam / RAdam, SGD momentum, RMSprop, Adagrad
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer", "grad_avg")
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+def decay_key(optimizer: torch.optim.Optimizer) -> tuple:
+    """What :func:`l2_decay` depends on (the optimizer, each group's weight-decay settings): a cache key."""
+    return (id(optimizer), tuple((float(g.get("weight_decay", 0.0) or 0.0),
+                                  bool(g.get("decoupled_weight_decay", False)), len(g["params"]))
+                                 for g in optimizer.param_groups))
 
 
 def l2_decay(optimizer: torch.optim.Optimizer) -> dict[int, float]:
@@ -384,12 +398,6 @@ class DiagonalNaturalGradient:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def _decay_settings(self) -> tuple:
-        if not self.precondition_decay:
-            return ()
-        return tuple((float(g.get("weight_decay", 0.0) or 0.0), bool(g.get("decoupled_weight_decay", False)))
-                     for g in self.optimizer.param_groups)
-
     def _coefficients(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
         """Parameters, ``F + d`` and the decay coefficients ``wd * (1 / (F + d) - 1)`` (None: no L2 decay)."""
         wd = l2_decay(self.optimizer) if self.precondition_decay else {}
@@ -401,7 +409,7 @@ class DiagonalNaturalGradient:
     @torch.no_grad()
     def precondition(self) -> None:
         """Precondition the gradients in place (what :meth:`step` does before the optimizer's step)."""
-        key = (float(self.damping), self._decay_settings())
+        key = (float(self.damping), decay_key(self.optimizer) if self.precondition_decay else ())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, *self._coefficients())
         _, ps, denoms, coefs = self._cache

@@ -440,10 +440,13 @@ def _valid_means(row: Mapping[str, Any], metric: str) -> dict[int, float]:
     return {e: sum(v.values()) / len(v) for e, v in _valid_by_epoch(row, metric).items()}
 
 
+def _spaced(longest: int, n: int = 3) -> list[int]:
+    return sorted({max(1, round(longest * k / (n + 1))) for k in range(1, n + 1)}) if longest else []
+
+
 def default_budgets(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10", n: int = 3) -> list[int]:
     """``n`` epoch budgets evenly spaced up to the longest logged history (1/4, 2/4, 3/4 of it for n=3)."""
-    longest = max((max(_valid_means(r, metric), default=0) for r in rows), default=0)
-    return sorted({max(1, round(longest * k / (n + 1))) for k in range(1, n + 1)}) if longest else []
+    return _spaced(max((max(_valid_means(r, metric), default=0) for r in rows), default=0), n)
 
 
 def budget_table(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10",
@@ -455,14 +458,14 @@ def budget_table(rows: Iterable[Mapping[str, Any]], metric: str = "NDCG@10",
     counted. Only ``preset``, ``seed``, ``domains`` and ``history`` are read (rows of runs killed before
     their test pass work too)."""
     rows = [r for r in rows if isinstance(r, Mapping)]
-    budgets = sorted(set(budgets)) if budgets else default_budgets(rows, metric)
+    means = [_valid_means(r, metric) for r in rows]  # each history read once
+    budgets = sorted(set(budgets)) if budgets else _spaced(max((max(c, default=0) for c in means), default=0))
     out = []
-    setting = lambda r: (r.get("task", ""), r["domains"], r.get("protocol", ""))  # noqa: E731
-    for s in _order(setting(r) for r in rows):
-        for p in _order((r["preset"] for r in rows if setting(r) == s), baseline):
-            curves = [(_valid_means(r, metric), r.get("stop_reason")) for r in rows
-                      if setting(r) == s and r["preset"] == p]
-            curves = [(c, why) for c, why in curves if c]
+    settings = [tuple(r.get(k, "") for k in SETTING) for r in rows]  # task / protocol may be absent here
+    for s in _order(settings):
+        mine = [(r, c) for r, c, rs in zip(rows, means, settings) if rs == s]
+        for p in _order((r["preset"] for r, _ in mine), baseline):
+            curves = [(c, r.get("stop_reason")) for r, c in mine if r["preset"] == p and c]
             for e in budgets:
                 best = [max(v for k, v in c.items() if k <= e) for c, why in curves
                         if min(c) <= e and (max(c) >= e or why not in (None, "time_limit"))]
@@ -807,11 +810,11 @@ def _valid_chart(sel: Sequence[dict[str, Any]], presets: Sequence[str], domains:
                  colors: Mapping[str, Any]) -> bytes | None:
     """Validation ``metric`` over epochs per domain, mean over seeds; None when not logged."""
     panels = []
+    by_row = [(r["preset"], _valid_by_epoch(r, metric)) for r in sel]  # each history read once
     for d in domains:
         lines = []
         for p in presets:
-            series = [{e: v[d] for e, v in _valid_by_epoch(r, metric).items() if d in v}
-                      for r in sel if r["preset"] == p]
+            series = [{e: v[d] for e, v in h.items() if d in v} for preset, h in by_row if preset == p]
             series = [x for x in series if x]
             if series:
                 lines.append((p, *_epoch_means(series), len(series)))
