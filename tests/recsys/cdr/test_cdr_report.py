@@ -405,3 +405,26 @@ def test_cli(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o3")]) == 2
     assert main(["report", str(path), "--out", str(tmp_path / "o4"), "--budgets", "2,x"]) == 2
     assert "--budgets" in capsys.readouterr().out
+
+
+def test_refit_rows_are_their_own_preset(tmp_path, rows):
+    """A refit (``data.holdout=false``: no validation) is reported as ``<preset> (refit)``, paired
+    against the baseline like any preset and left out of the validation pick; the report still writes."""
+    refits = []
+    for s in range(3):
+        r = _row("baseline", s)
+        r["config"] = {**r["config"], "data": {"holdout": False}}
+        r["metrics"] = {d: {k: v for k, v in m.items() if k != "valid"} for d, m in r["metrics"].items()}
+        for d in ("sport", "cloth"):
+            r["metrics"][d]["test"]["NDCG@10"] += 0.01
+        r["history"] = [{k: v for k, v in h.items() if k != "valid"} for h in r["history"]]
+        refits.append(r)
+    table = summarise(rows + refits).set_index(["domain", "preset"])
+    assert table.loc[("sport", "baseline (refit)"), "NDCG@10_mean"] == pytest.approx(0.13)
+    assert table.loc[("sport", "baseline"), "NDCG@10_mean"] == pytest.approx(0.12)
+    paired = paired_comparison(rows + refits).set_index(["domain", "metric", "preset"])
+    assert paired.loc[("cloth", "NDCG@10", "baseline (refit)"), "mean_diff"] == pytest.approx(0.01)
+    sel = selection_table(rows + refits, "NDCG@10").set_index("domain")
+    assert sel.loc["sport", "best_on_valid"] == "baseline" and not sel["best_on_valid"].str.contains("refit").any()
+    write_report(rows + refits, tmp_path / "r")
+    assert "baseline (refit)" in (tmp_path / "r" / "report.md").read_text()

@@ -124,6 +124,30 @@ def test_time_limit_stops_and_tests_the_best_epoch(cdr_root, tmp_path):
     assert stopped["stop_reason"] == "early_stop" and stopped["epochs_run"] < 50
 
 
+def test_refit_trains_on_every_training_interaction(cdr_root, tmp_path):
+    """``data.holdout=false``: the sampler and the histories hold the held-out validation items too, no
+    epoch is validated, the last one is tested and named; the combinations that need validation fail."""
+    held = build_context(_cfg())
+    ctx = build_context(_cfg("data.holdout=false", "train.epochs=2"))
+    for dom in ctx.data.domains:
+        part = ctx.data[dom]
+        assert (part.train_full != part.train).nnz > 0  # the tiny data has held-out items to give back
+    assert ctx.hist_train is ctx.hist_full and held.hist_train is not held.hist_full
+    assert ctx.sampler.n == [ctx.data[d].train_full.nnz for d in ctx.data.domains]
+    assert held.sampler.n == [ctx.data[d].train.nnz for d in ctx.data.domains]
+    res = train_cdr(ctx.cfg, tmp_path / "r", ctx=ctx, echo=False)
+    assert res["selection"].startswith("none (refit") and res["best_epoch"] == res["epochs_run"] == 2
+    assert res["stop_reason"] == "epochs" and all("valid" not in h for h in res["history"])
+    assert set(res["metrics"]["aa"]) == {"test", "test_full"}
+    assert all(math.isfinite(v) for v in res["metrics"]["bb"]["test"].values())
+    for bad in (["task=dual-user-inter"], ["protocol=original"]):
+        with pytest.raises(Exception, match="dual-user-intra with protocol sampled"):
+            _cfg("data.holdout=false", *bad)
+    with pytest.raises(Exception, match="adaptive scheduler follows validation"):
+        _cfg("data.holdout=false", preset={"use_adaptive_scheduler": True})
+    _cfg("data.holdout=false", preset={"use_adaptive_scheduler": False})  # other presets refit
+
+
 def test_protocol_original_is_labelled(cdr_root, tmp_path):
     res = train_cdr(_cfg("protocol=original", "train.epochs=1"), tmp_path / "o", echo=False)
     assert "TEST-SET SELECTION" in res["selection"]
@@ -186,6 +210,11 @@ def test_experiments_runner_schema_and_skip(cdr_root, tmp_path, monkeypatch):
     assert main(["experiments", "run", "baseline", "fishertune.fishertune_warmup=1", "--config", str(config),
                  "--results", str(results)]) == 0
     assert main(["experiments", "run", "nonsense", "--config", str(config)]) == 2
+    monkeypatch.setattr(tr, "train_cdr", train_cdr)
+    refit = run_experiments(["baseline"], str(config), seeds=1, results=str(results),
+                            overrides=["data.holdout=false"])  # a refit is not the held-out run: it trains
+    assert len(refit) == 1 and len(read_results(results)) == 3
+    assert refit[0]["config"]["data"]["holdout"] is False and "valid" not in refit[0]["metrics"]["aa"]
 
 
 def test_run_dir_ignores_stop_and_save_keys_only(tmp_path):

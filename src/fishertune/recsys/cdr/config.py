@@ -45,6 +45,9 @@ class CDRDataConfig(StrictModel):
     protocol: Literal["sampled", "original"] = Field(
         "sampled", description="sampled: select on validation; original: select on test.txt with a second "
                                "negative draw, as UniCDR's code does (test-set selection, labelled)")
+    holdout: bool = Field(True, description="dual-user-intra: hold one training item per user out for "
+                          "validation; false: train on every training interaction for train.epochs epochs "
+                          "and test the last (a refit with the epoch count a held-out run chose)")
 
 
 class CDRModelConfig(StrictModel):
@@ -129,6 +132,21 @@ class CDRConfig(StrictModel):
             ft.setdefault("scheduler_metric", "valid_ndcg@10")  # what the trainer reports each evaluation
             ft.setdefault("scheduler_mode", "max")
         return {**data, "fishertune": ft}
+
+    @model_validator(mode="after")
+    def _refit(self) -> CDRConfig:
+        """Without a hold-out nothing is validated: only the sampled protocol's intra task can refit, and
+        the adaptive scheduler, which follows validation, cannot run."""
+        if self.data.holdout:
+            return self
+        if self.data.task != "dual-user-intra" or self.data.protocol != "sampled":
+            raise ValueError("data.holdout=false (refit on every training interaction) is for task "
+                             "dual-user-intra with protocol sampled")
+        ft = self.fishertune
+        if ft.use_fishertune and ft.use_adaptive_scheduler:
+            raise ValueError("data.holdout=false: the adaptive scheduler follows validation, which a refit "
+                             "has none of; turn it off (fishertune.use_adaptive_scheduler=false)")
+        return self
 
 
 def _lift_shortcuts(data: dict) -> dict:

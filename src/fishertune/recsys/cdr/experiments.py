@@ -27,6 +27,7 @@ from typing import Any
 
 from fishertune.config import ConfigError
 from fishertune.recsys.cdr.config import CDRConfig, load_cdr_config
+from fishertune.recsys.cdr.rows import holdout
 from fishertune.tune import load_presets
 from fishertune.utils.io import append_jsonl, file_lock
 
@@ -71,7 +72,7 @@ class RunSpec:
 
     def key(self, cfg: CDRConfig) -> tuple:
         """The run's identity in the results file (see :func:`row_key`)."""
-        return (self.preset, self.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol)
+        return (self.preset, self.seed, cfg.data.task, cfg.data.domains, cfg.data.protocol, cfg.data.holdout)
 
     def run_dir(self, cfg: CDRConfig) -> Path:
         """``<results dir>/runs/<results stem>/<task>/<pair>/<protocol>/<preset>/seed<k>-<config hash>``: a
@@ -87,7 +88,8 @@ class RunSpec:
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in KEY_FIELDS)
+    """A run's identity in a results file: :data:`KEY_FIELDS` and whether it is a refit."""
+    return (*(row.get(k) for k in KEY_FIELDS), holdout(row))
 
 
 def resolve_presets(targets: Sequence[str]) -> list[str]:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fishertune.recsys.cdr.rows import holdout
 from fishertune.recsys.viz._common import new_figure
 from fishertune.utils.io import atomic_write_bytes, atomic_write_text
 
@@ -60,6 +61,7 @@ __all__ = [
 ]
 
 REQUIRED = ("preset", "seed", "domains", "metrics")
+REFIT_SUFFIX = " (refit)"  # appended to the preset of a row whose run had no validation hold-out
 SETTING = ("task", "domains", "protocol")
 PREFERRED_METRICS = ("MRR", "NDCG@10", "HR@1", "HR@10")
 COUNT_KEYS = frozenset({"n", "n_users", "n_instances"})  # sizes logged beside the metrics, not metrics
@@ -213,6 +215,8 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], wheres: Sequence[str] | Non
                 del row[key]
         row["task"] = row.get("task", "")
         row["protocol"] = row.get("protocol", "")
+        if not holdout(row):
+            row["preset"] += REFIT_SUFFIX  # a refit is its own setting of the preset, never mixed with held-out runs
         row["_where"] = where
         row["_notes"] = notes
         row["_validated"] = True

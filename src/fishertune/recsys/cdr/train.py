@@ -48,9 +48,18 @@ from fishertune.recsys.train import NonFiniteLossError, _cpu_state, resolve_devi
 from fishertune.tune import FisherTuner
 from fishertune.utils.progress import track
 
-__all__ = ["SELECTION_LABEL", "CDRContext", "build_context", "evaluate_model", "evaluate_stage", "train_cdr"]
+__all__ = [
+    "REFIT_LABEL",
+    "SELECTION_LABEL",
+    "CDRContext",
+    "build_context",
+    "evaluate_model",
+    "evaluate_stage",
+    "train_cdr",
+]
 
 SELECTION_LABEL = "TEST-SET SELECTION (protocol original: best epoch chosen on test.txt, second negative draw)"
+REFIT_LABEL = "none (refit: every training interaction, the last epoch tested)"
 MONITOR = "NDCG@10"
 
 
@@ -83,8 +92,8 @@ def build_context(cfg: CDRConfig, data: CDRData | None = None, data_hash: str = 
         data, data_hash = load_cdr(d.task, d.domains, d.val_seed, d.n_negatives, d.negative_seed)
     device = resolve_device(cfg.train.device)
     parts = [data[dom] for dom in data.domains]
-    train_m = [p.train for p in parts]
     full_m = [p.train_full for p in parts]
+    train_m = [p.train for p in parts] if cfg.data.holdout else full_m  # no hold-out: the refit
     hist_train = Histories(train_m, device, _weights(cfg, train_m))
     same = all((a != b).nnz == 0 for a, b in zip(train_m, full_m))
     hist_full = hist_train if same else Histories(full_m, device, _weights(cfg, full_m))
@@ -164,9 +173,12 @@ def evaluate_stage(ctx: CDRContext, domain: str, stage: str, full: bool = False)
     return _rename(out)
 
 
-def evaluate_model(ctx: CDRContext, stages: tuple[str, ...] = ("valid", "test", "test_full")) -> dict[str, Any]:
+def evaluate_model(ctx: CDRContext, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``{domain: {"valid": ..., "test": ..., "test_full": ...}}`` (``valid`` is ``select`` under
-    protocol original)."""
+    protocol original). By default the stages the config has: no ``valid`` for a refit (its model trained
+    on the validation items), no ``test_full`` with ``eval.full=false``."""
+    if stages is None:
+        stages = (("valid",) if ctx.cfg.data.holdout else ()) + ("test",) + (("test_full",) if ctx.cfg.eval.full else ())
     sel = "select" if ctx.cfg.data.protocol == "original" else "valid"
     out: dict[str, Any] = {}
     for dom in ctx.data.domains:
@@ -270,7 +282,8 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
     # foreach: torch's default only on CUDA; on CPU it makes Adam's step much faster too
     opt = tuner.make_optimizer("adam", foreach=True if device.type == "cpu" else None)
     on = tuner.enabled
-    label = SELECTION_LABEL if cfg.data.protocol == "original" else "validation"
+    label = (SELECTION_LABEL if cfg.data.protocol == "original" else "validation" if cfg.data.holdout
+             else REFIT_LABEL)
     epoch, history, best_epoch, best_score, bad, best_state, fisher_time = 0, [], 0, -math.inf, 0, None, 0.0
     if rd.has_checkpoint():
         ck = rd.load_checkpoint(ctx.data_hash)
@@ -332,7 +345,7 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
         record: dict[str, Any] = {"epoch": epoch, "loss": loss_v, "rec": rec_v, "contrastive": con_v,
                                   "train_seconds": train_seconds}
         value = math.nan
-        if epoch % t.eval_every == 0 or epoch == t.epochs:
+        if cfg.data.holdout and (epoch % t.eval_every == 0 or epoch == t.epochs):
             t1 = time.perf_counter()
             valid, value = _monitor(ctx)
             record["valid"] = {dom: {k: v for k, v in m.items() if k != "n"} for dom, m in valid.items()}
@@ -361,8 +374,8 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
             rd.log(f"early stop: no improvement for {t.patience} evaluations")
         elif t.time_limit_s is not None and time.perf_counter() - t_start >= t.time_limit_s and epoch < t.epochs:
             stopped = timed_out = True
-            rd.log(f"stopped: time limit of {t.time_limit_s:g} s reached after epoch {epoch}; testing the best "
-                   f"epoch so far ({best_epoch})")
+            rd.log(f"stopped: time limit of {t.time_limit_s:g} s reached after epoch {epoch}; testing "
+                   + (f"the best epoch so far ({best_epoch})" if cfg.data.holdout else "this epoch (refit)"))
         if t.checkpoint_every and epoch % t.checkpoint_every == 0 and not stopped and epoch < t.epochs:
             checkpoint(False)
         else:
@@ -370,12 +383,13 @@ def train_cdr(cfg: CDRConfig, run_dir: str | Path | None = None, ctx: CDRContext
             rd.flush_log()
 
     stop_reason = "time_limit" if timed_out else "early_stop" if stopped else "epochs"
+    if not cfg.data.holdout:
+        best_epoch = epoch  # a refit tests its last epoch
     last_state = _cpu_state(model)  # the checkpoint keeps the last state: a longer rerun continues from it
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    stages = ("valid", "test", "test_full") if cfg.eval.full else ("valid", "test")
-    metrics = evaluate_model(ctx, stages)
+    metrics = evaluate_model(ctx)
     times = [r["train_seconds"] for r in history]
     result: dict[str, Any] = {
         "protocol": cfg.data.protocol, "selection": label, "metrics": metrics, "best_epoch": best_epoch,
