@@ -216,7 +216,7 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], wheres: Sequence[str] | Non
         row["task"] = row.get("task", "")
         row["protocol"] = row.get("protocol", "")
         if not holdout(row):
-            row["preset"] += REFIT_SUFFIX  # a refit is its own setting of the preset, never mixed with held-out runs
+            row["preset"] += REFIT_SUFFIX  # its own preset: never mixed with the held-out runs
         row["_where"] = where
         row["_notes"] = notes
         row["_validated"] = True

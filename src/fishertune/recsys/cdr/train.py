@@ -178,7 +178,8 @@ def evaluate_model(ctx: CDRContext, stages: tuple[str, ...] | None = None) -> di
     protocol original). By default the stages the config has: no ``valid`` for a refit (its model trained
     on the validation items), no ``test_full`` with ``eval.full=false``."""
     if stages is None:
-        stages = (("valid",) if ctx.cfg.data.holdout else ()) + ("test",) + (("test_full",) if ctx.cfg.eval.full else ())
+        stages = ("valid",) if ctx.cfg.data.holdout else ()
+        stages += ("test", "test_full") if ctx.cfg.eval.full else ("test",)
     sel = "select" if ctx.cfg.data.protocol == "original" else "valid"
     out: dict[str, Any] = {}
     for dom in ctx.data.domains:
