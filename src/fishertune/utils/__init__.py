@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings, foreach ops."""
+"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings, foreach ops, denormals."""

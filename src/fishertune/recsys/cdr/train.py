@@ -46,6 +46,7 @@ from fishertune.recsys.evaluate import evaluate_full, evaluate_sampled
 from fishertune.recsys.rundir import RunDir
 from fishertune.recsys.train import NonFiniteLossError, _cpu_state, resolve_device
 from fishertune.tune import FisherTuner
+from fishertune.utils.numerics import flush_denormals
 from fishertune.utils.progress import track
 
 __all__ = [
@@ -160,14 +161,15 @@ def evaluate_stage(ctx: CDRContext, domain: str, stage: str, full: bool = False)
 
     ev = ctx.cfg.eval
     try:
-        if full:
-            out = evaluate_full(make_score_fn(), inp, tgt, ks=ev.full_ks, metrics=("hr", "ndcg", "mrr"),
-                                batch_size=ev.batch_size, device=ctx.device)
-        else:
-            out = evaluate_sampled(make_score_fn(), inp, tgt, negatives=part.negatives[stage], ks=ev.ks,
-                                   batch_size=ev.batch_size, device=ctx.device,
-                                   check_negatives=(domain, stage) not in ctx.negatives_checked)
-            ctx.negatives_checked.add((domain, stage))
+        with flush_denormals(ctx.device):  # trained embeddings hold denormals: slow on the CPU
+            if full:
+                out = evaluate_full(make_score_fn(), inp, tgt, ks=ev.full_ks, metrics=("hr", "ndcg", "mrr"),
+                                    batch_size=ev.batch_size, device=ctx.device)
+            else:
+                out = evaluate_sampled(make_score_fn(), inp, tgt, negatives=part.negatives[stage], ks=ev.ks,
+                                       batch_size=ev.batch_size, device=ctx.device,
+                                       check_negatives=(domain, stage) not in ctx.negatives_checked)
+                ctx.negatives_checked.add((domain, stage))
     finally:
         model.train(was_training)
     return _rename(out)
