@@ -15,7 +15,8 @@ overhead goes.
 
     FISHERTUNE_DATA=... python benchmarks/cdr.py --device cuda --amp --steps 0 --repeats 3
 
-``--profile K`` adds torch.profiler tables of K steps of each (the ops with the most self time on the
+``--sync-debug`` lists where the host waits for the device (CUDA's sync debug mode, by source line) in
+5 steps of each and one Fisher estimate. ``--profile K`` adds torch.profiler tables of K steps of each (the ops with the most self time on the
 host, and on CUDA on the device) and the kernel launches per step.
 """
 
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
+import warnings
+from collections import Counter
 from statistics import median
 
 import torch
@@ -95,6 +99,24 @@ def _profile(ctx, work, n: int, label: str, unit: str = "step", rows: int = 12) 
         print(ev.table(sort_by=key, row_limit=rows, max_name_column_width=48))
 
 
+def _host_syncs(ctx, work, label: str, rows: int = 12) -> None:
+    """The Python lines where ``work()`` makes the host wait for the device (CUDA's sync debug mode), by count."""
+    if ctx.device.type != "cuda":
+        print(f"\n--- host syncs: {label}: CUDA only")
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            work()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"\n--- host syncs: {label}, {sum(where.values())} in all")
+    for line, n in where.most_common(rows):
+        print(f"  {n:6d}  {line}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/cdr/sport_cloth.yaml")
@@ -105,6 +127,8 @@ def main() -> None:
                     help="baseline and FisherTune timed alternately this many times; medians reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps of each (0: no profile)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="list the lines where one Fisher estimate and 5 steps of each wait for the device (CUDA)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,6 +206,10 @@ def main() -> None:
     print(f"  per step, synced ({k} steps): forward+backward {fb_b * ms:.2f} ms baseline / {fb_f * ms:.2f} ms "
           f"FisherTune; optimizer step {st_b * ms:.2f} ms / with masks and hooks {st_f * ms:.2f} ms")
     print(f"  validation pass (both domains)  {_validation(ctx):7.3f} s")
+    if args.sync_debug:
+        _host_syncs(ctx, lambda: _steps(ctx, base_opt, base_tuner, cached[:5]), "baseline, 5 steps")
+        _host_syncs(ctx, lambda: _steps(ctx, ft_opt, ft_tuner, cached[:5]), "FisherTune, 5 steps")
+        _host_syncs(ctx, lambda: fisher_time(plain_fisher), "one Fisher estimate (x and x')")
     if args.profile:
         k = args.profile
         _profile(ctx, lambda: _steps(ctx, base_opt, base_tuner, cached[:k]), k, f"baseline, {k} steps")
