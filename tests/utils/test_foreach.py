@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fishertune.utils.foreach import foreach_into
+from fishertune.utils.foreach import foreach_into, to_floats
 
 
 @pytest.mark.parametrize("op", ["sub", "mul"])
@@ -22,3 +22,15 @@ def test_fused_and_buffered_paths_equal_the_op(op):
     words = [torch.randint(0, 2, x.shape, generator=g, dtype=torch.int32) for x in a]
     for w, f in zip([x * m for x, m in zip(ints, words)], foreach_into("mul", ints, words)):
         assert torch.equal(w, f)
+
+
+def test_to_floats_keeps_order_and_values_of_mixed_shapes_and_dtypes():
+    values = [torch.tensor(1.5), torch.tensor([2], dtype=torch.int64), torch.tensor([[-0.25]], dtype=torch.float16),
+              torch.tensor(1e-30, dtype=torch.float64)]
+    assert to_floats(values) == [1.5, 2.0, -0.25, 1e-30]
+    assert to_floats([]) == []
+
+
+def test_to_floats_rejects_tensors_with_more_than_one_element():
+    with pytest.raises(RuntimeError):
+        to_floats([torch.ones(2)])

@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fishertune.utils.foreach import to_floats
+
 __all__ = ["dr_fim", "group_scales", "posterior_std", "variational_floor", "normalize_importance",
            "masks_from_importance", "quantile_summary", "strict_ranks"]
 
@@ -31,7 +33,7 @@ def group_scales(fisher: Mapping[str, Tensor], groups: Mapping[str, Sequence[str
     """Per parameter name: the mean Fisher of its group (1.0 where the group's Fisher is all zero)."""
     out: dict[str, float] = {}
     for names in groups.values():
-        total = sum(float(fisher[n].double().sum()) for n in names)
+        total = sum(to_floats([fisher[n].double().sum() for n in names]))
         count = sum(fisher[n].numel() for n in names)
         mean = total / count if count else 0.0
         for n in names:
@@ -152,14 +154,14 @@ def quantile_summary(tensors: Sequence[Tensor], prefix: str, max_elems: int = 1 
     if not tensors:
         return {}
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-    mean = float(flat.double().mean())
-    top = float(flat.max())
+    stats = [flat.double().mean(), flat.max()]
     if flat.numel() > max_elems:
         flat = flat[:: math.ceil(flat.numel() / max_elems)]
-    out = {f"{prefix}_mean": mean, f"{prefix}_max": top}
     last = flat.numel() - 1
-    for q in (0.1, 0.5, 0.9, 0.99):
-        # the k-th smallest by selection (O(n)), the same value as sort(flat)[k] without the full sort
-        k = min(last, int(q * last + 0.5))
-        out[f"{prefix}_q{int(round(q * 100))}"] = float(torch.kthvalue(flat, k + 1).values)
+    qs = (0.1, 0.5, 0.9, 0.99)
+    # the k-th smallest by selection (O(n)), the same value as sort(flat)[k] without the full sort
+    stats += [torch.kthvalue(flat, min(last, int(q * last + 0.5)) + 1).values for q in qs]
+    values = to_floats(stats)  # one wait for the device, not six
+    out = {f"{prefix}_mean": values[0], f"{prefix}_max": values[1]}
+    out.update({f"{prefix}_q{int(round(q * 100))}": v for q, v in zip(qs, values[2:])})
     return out

@@ -51,6 +51,7 @@ from fishertune.tune.masking import ParameterMask
 from fishertune.tune.perturb import Combined, FeatureShift, NoiseInjection, Perturbation
 from fishertune.tune.regularize import EWCGradient, OnlineFisher, ewc_penalty
 from fishertune.tune.schedule import AdaptiveOffset, delta_at
+from fishertune.utils.foreach import to_floats
 
 __all__ = ["FisherTuneConfig", "FisherFn", "engine_fisher", "batch_gradient_fisher", "FisherTuner",
            "build_perturbation", "resolve_groups", "GROUP_NAMES"]
@@ -561,7 +562,7 @@ class FisherTuner:
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.update_count)
         fx, fp, passes = self._estimate(gen)
-        total = sum(float(v.double().sum()) for v in fx.values())
+        total = sum(to_floats([v.double().sum() for v in fx.values()]))
         if not math.isfinite(total):
             raise ValueError("FisherTune: the Fisher estimate is not finite (NaN/inf gradients in fisher_batches)")
         if total == 0.0:
@@ -570,7 +571,7 @@ class FisherTuner:
                              "batch, or the loss has no gradient w.r.t. the parameters (a warm-up that is too "
                              "short for a freshly initialised output layer also gives this)")
         for g, names in self.groups.items():
-            if all(float(fx[n].abs().sum()) == 0.0 for n in names):
+            if all(x == 0.0 for x in to_floats([fx[n].abs().sum() for n in names])):
                 warnings.warn(f"FisherTune: the Fisher of group {g!r} is all zero (its parameters do not affect the "
                               "loss on fisher_batches); the group gets no importance", RuntimeWarning, stacklevel=3)
         scale = group_scales(fx, self.groups) if cfg.fisher_scale == "mean" else None

@@ -85,8 +85,7 @@ class _HistoryPerturbation(Perturbation):
         valid = items != pad
         p = self.keep_prob(domain, items.clamp(max=pad - 1))
         drop = valid & (torch.rand(items.shape, device=items.device, generator=gen) >= p)
-        if not bool(drop.any()):
-            return items, w
+        # no early return on ``not drop.any()``: asking would make the host wait for the device
         return items.masked_fill(drop, pad), (w.masked_fill(drop, 0.0) if w is not None else None)
 
     def batch(self, batch: Any, generator: torch.Generator) -> Any:
