@@ -564,3 +564,45 @@ def test_precondition_decay_gives_the_natural_gradient_of_the_regularised_loss(o
             else:
                 torch.testing.assert_close(p.grad, raw[n] / D, msg=n)
         assert all(w > 0 for w in wd.values())
+
+
+class _ReadBacks(torch.overrides.TorchFunctionMode):
+    """Counts tensor-to-Python read-backs (each one a host-device sync on CUDA) made by FisherTune's own
+    code, not by the Fisher engine it calls (fishertune/fisher/)."""
+
+    NAMES = {"__bool__", "__float__", "__int__", "item", "tolist"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            import traceback
+            ours = [f.filename for f in traceback.extract_stack()[:-1] if "fishertune" in f.filename
+                    and "tests" not in f.filename]
+            if ours and "/fishertune/fisher/" not in ours[-1]:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fisher_update_read_backs_do_not_grow_with_the_number_of_parameters():
+    class Deeper(TwoDomain):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    counts = []
+    for cls in (TwoDomain, Deeper):
+        torch.manual_seed(0)
+        model = cls()
+        data = make_data()
+        cfg = FisherTuneConfig(fishertune_warmup=0, perturbation_type="feature_shift", perturbation_modules=["enc"])
+        tuner = FisherTuner(model, cfg, GROUPS, engine_fisher("categorical"), lambda: batches(data, 32))
+        mode = _ReadBacks()
+        with mode:
+            tuner.on_epoch_start(0)
+        assert tuner.update_count == 1
+        counts.append(mode.count)
+    assert sum(1 for _ in Deeper().parameters()) > sum(1 for _ in TwoDomain().parameters()) + 3
+    assert counts[0] == counts[1] > 0, counts

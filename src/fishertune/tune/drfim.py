@@ -137,12 +137,9 @@ def masks_from_importance(importance: Mapping[str, Tensor], groups: Mapping[str,
     masks: dict[str, Tensor] = {}
     for g, names in groups.items():
         d = float(thresholds[g])
-        any_sel = False
         for n in names:
-            m = importance[n] >= d
-            masks[n] = m
-            any_sel = any_sel or bool(m.any())
-        if warn and names and not any_sel:
+            masks[n] = importance[n] >= d
+        if warn and names and not any(to_floats([masks[n].any() for n in names])):
             warnings.warn(f"FisherTune: threshold {d:.4f} selects no parameter in group {g!r}; the whole group is "
                           f"frozen this epoch (lower {g}_delta_max/{g}_delta_min)", RuntimeWarning, stacklevel=2)
     return masks

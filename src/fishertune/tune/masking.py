@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from fishertune.utils.foreach import foreach_into
+from fishertune.utils.foreach import foreach_into, to_floats
 
 __all__ = ["ParameterMask"]
 
@@ -71,12 +71,14 @@ class ParameterMask:
         frozen: dict[str, Tensor] = {}
         full: set[str] = set()
         active: dict[str, int] = {}
+        given = {name: _as_bool(name, masks[name], p) for name, p in self.params.items() if name in masks}
+        counts = dict(zip(given, to_floats([m.sum() for m in given.values()])))  # one wait for the device
         for name, p in self.params.items():
             if name not in masks:
                 active[name] = p.numel()
                 continue
-            m = _as_bool(name, masks[name], p)
-            n_active = int(m.sum())
+            m = given[name]
+            n_active = int(counts[name])
             active[name] = n_active
             if n_active == p.numel():
                 continue
