@@ -5,12 +5,15 @@ identically."""
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
 
 import pytest
 import torch
 from torch import nn
 
+import fishertune
 from fishertune.config import ConfigError, validate
 from fishertune.tune import (FisherTuneConfig, FisherTuner, Perturbation, batch_gradient_fisher, delta_at,
                              engine_fisher, resolve_groups)
@@ -571,6 +574,8 @@ class _ReadBacks(torch.overrides.TorchFunctionMode):
     code, not by the Fisher engine it calls (fishertune/fisher/)."""
 
     NAMES = {"__bool__", "__float__", "__int__", "item", "tolist"}
+    PACKAGE = os.path.dirname(os.path.abspath(fishertune.__file__)) + os.sep
+    ENGINE = os.path.join(PACKAGE, "fisher") + os.sep
 
     def __init__(self):
         super().__init__()
@@ -578,10 +583,9 @@ class _ReadBacks(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.NAMES:
-            import traceback
-            ours = [f.filename for f in traceback.extract_stack()[:-1] if "fishertune" in f.filename
-                    and "tests" not in f.filename]
-            if ours and "/fishertune/fisher/" not in ours[-1]:
+            ours = [f.filename for f in traceback.extract_stack()[:-1]
+                    if os.path.abspath(f.filename).startswith(self.PACKAGE)]
+            if ours and not os.path.abspath(ours[-1]).startswith(self.ENGINE):
                 self.count += 1
         return func(*args, **(kwargs or {}))
 
