@@ -70,16 +70,12 @@ class ParameterMask:
         keep: dict[str, Tensor] = {}
         frozen: dict[str, Tensor] = {}
         full: set[str] = set()
-        active: dict[str, int] = {}
+        active = {name: p.numel() for name, p in self.params.items()}
         given = {name: _as_bool(name, masks[name], p) for name, p in self.params.items() if name in masks}
-        counts = dict(zip(given, to_floats([m.sum() for m in given.values()])))  # one wait for the device
-        for name, p in self.params.items():
-            if name not in masks:
-                active[name] = p.numel()
-                continue
-            m = given[name]
-            n_active = int(counts[name])
-            active[name] = n_active
+        counts = to_floats([m.sum() for m in given.values()])  # one wait for the device, not one per mask
+        for (name, m), count in zip(given.items(), counts):
+            p = self.params[name]
+            n_active = active[name] = int(count)
             if n_active == p.numel():
                 continue
             new_masks[name] = m

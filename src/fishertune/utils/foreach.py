@@ -25,14 +25,9 @@ def foreach_into(op: str, a: Sequence[Tensor], b: Sequence[Tensor],
 
 
 def to_floats(values: Sequence[Tensor]) -> list[float]:
-    """Python floats of one-element tensors, with one device-to-host copy per device instead of one per
-    tensor: each ``float(t)`` of a CUDA tensor makes the host wait for the device."""
-    out: list[float] = [0.0] * len(values)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(values):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        got = torch.stack([values[i].reshape(()).double() for i in idx]).tolist()
-        for i, x in zip(idx, got):
-            out[i] = x
-    return out
+    """Python floats of one-element tensors, read back in one copy instead of one per tensor: each
+    ``float(t)`` of a CUDA tensor makes the host wait for the device."""
+    if not values:
+        return []
+    device = values[0].device
+    return torch.stack([v.reshape(()).to(device, torch.float64) for v in values]).tolist()
