@@ -16,7 +16,7 @@ overhead goes.
     FISHERTUNE_DATA=... python benchmarks/cdr.py --device cuda --amp --steps 0 --repeats 3
 
 ``--sync-debug`` lists where the host waits for the device (CUDA's sync debug mode, by source line) in
-5 steps of each and one Fisher estimate. ``--profile K`` adds torch.profiler tables of K steps of each (the ops with the most self time on the
+5 steps of each and one Fisher estimate; on the CPU, the tensor-to-Python reads that would wait on CUDA. ``--profile K`` adds torch.profiler tables of K steps of each (the ops with the most self time on the
 host, and on CUDA on the device) and the kernel launches per step.
 """
 
@@ -36,6 +36,7 @@ from fishertune.recsys.cdr.config import load_cdr_config
 from fishertune.recsys.cdr.perturb import fisher_fn_for
 from fishertune.recsys.cdr.train import _autocast, _make_tuner, _monitor, build_context, train_step
 from fishertune.tune import load_presets
+from fishertune.utils.readbacks import ReadBacks
 
 
 def _sync(device: torch.device) -> None:
@@ -100,19 +101,23 @@ def _profile(ctx, work, n: int, label: str, unit: str = "step", rows: int = 12) 
 
 
 def _host_syncs(ctx, work, label: str, rows: int = 12) -> None:
-    """The Python lines where ``work()`` makes the host wait for the device (CUDA's sync debug mode), by count."""
-    if ctx.device.type != "cuda":
-        print(f"\n--- host syncs: {label}: CUDA only")
-        return
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    """The source lines where ``work()`` makes the host wait for the device, by count: on CUDA its sync
+    debug mode; on the CPU the tensor-to-Python reads of fishertune's code (where CUDA would wait)."""
+    if ctx.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        where = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    else:
+        with ReadBacks() as reads:
             work()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    where = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    print(f"\n--- host syncs: {label}, {sum(where.values())} in all")
+        where = reads.lines
+    kind = "host syncs" if ctx.device.type == "cuda" else "read-backs"
+    print(f"\n--- {kind}: {label}, {sum(where.values())} in all")
     for line, n in where.most_common(rows):
         print(f"  {n:6d}  {line}")
 
@@ -128,7 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps of each (0: no profile)")
     ap.add_argument("--sync-debug", action="store_true",
-                    help="list the lines where one Fisher estimate and 5 steps of each wait for the device (CUDA)")
+                    help="list the lines where one Fisher estimate and 5 steps of each wait for the device")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings, foreach ops, denormals."""
+"""Small shared helpers: atomic writes, locks, progress bars, seeding, settings, foreach ops, denormals, read-back counts."""
